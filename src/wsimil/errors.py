@@ -1,0 +1,15 @@
+"""User-facing errors. The CLI prints these without a traceback."""
+
+
+class WsimilError(ValueError):
+    """An error caused by user input (files, tables, options), with a message that says how to fix it."""
+
+
+def problems_error(title: str, problems: list[str], limit: int = 50) -> WsimilError:
+    """Build one error that lists every problem found, so a user can fix them all in one pass."""
+    shown = problems[:limit]
+    lines = [f"{title} ({len(problems)} problem{'s' if len(problems) != 1 else ''}):"]
+    lines += [f"  - {p}" for p in shown]
+    if len(problems) > limit:
+        lines.append(f"  ... and {len(problems) - limit} more")
+    return WsimilError("\n".join(lines))

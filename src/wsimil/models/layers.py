@@ -1,0 +1,59 @@
+"""Building blocks shared by the aggregators."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def projection(in_dim: int, hidden_dims: Sequence[int] = (512,), dropout: float = 0.25,
+               act: str = "relu") -> nn.Sequential:
+    """Instance projection: ``[Linear + act + Dropout]`` per hidden width (MHIM's ``Linear(D,512)+ReLU+Dropout``)."""
+    layers: list[nn.Module] = []
+    d = in_dim
+    for h in hidden_dims:
+        layers += [nn.Linear(d, h), _act(act)]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        d = h
+    return nn.Sequential(*layers)
+
+
+def _act(name: str) -> nn.Module:
+    table = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+    if name not in table:
+        raise ValueError(f"unknown activation {name!r}; choose from {sorted(table)}")
+    return table[name]()
+
+
+class AttentionScore(nn.Module):
+    """Ilse et al. 2018 attention scores: ``e = W tanh(V h)`` (or gated: ``W (tanh(V h) * sigmoid(U h))``).
+
+    Input ``(B, N, E)``; output raw scores ``(B, N, H)`` for ``H`` heads (branches).
+    """
+
+    def __init__(self, dim: int, attn_dim: int = 128, n_heads: int = 1, gated: bool = False,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.v = nn.Linear(dim, attn_dim)
+        self.u = nn.Linear(dim, attn_dim) if gated else None
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.w = nn.Linear(attn_dim, n_heads)
+
+    def forward(self, h: Tensor) -> Tensor:
+        a = torch.tanh(self.v(h))
+        if self.u is not None:
+            a = a * torch.sigmoid(self.u(h))
+        return self.w(self.drop(a))
+
+
+def masked_softmax(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
+    """Softmax over ``dim`` ignoring positions where ``mask`` is False (``mask`` broadcastable to ``scores``)."""
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=dim).nan_to_num(0.0)
+
+
+def masked_fill_inf(scores: Tensor, mask: Tensor) -> Tensor:
+    return scores.masked_fill(~mask, float("-inf"))
