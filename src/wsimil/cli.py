@@ -1,0 +1,149 @@
+"""The ``wsimil`` command: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from wsimil.errors import WsimilError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Weakly supervised whole-slide image classification with multiple instance learning.")
+convert_app = typer.Typer(no_args_is_help=True, help="Convert datasets from other formats.")
+app.add_typer(convert_app, name="convert")
+
+
+def _user_errors(fn):
+    """Print user errors without a traceback and exit with status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from wsimil.progress import console
+
+        try:
+            return fn(*args, **kwargs)
+        except WsimilError as e:
+            console.print("[bold red]Error:[/]", str(e), highlight=False)
+            sys.exit(2)
+
+    return wrapper
+
+
+@app.command()
+@_user_errors
+def train(
+    features: Annotated[Path, typer.Option(help="Feature folder (TRIDENT features_{encoder}/ or CLAM layout).")],
+    manifest: Annotated[Path, typer.Option(help="Slide manifest CSV: case_id,slide_id,label.")],
+    out: Annotated[Path, typer.Option(help="Run folder to write.")],
+    model: Annotated[str | None, typer.Option(help="Aggregator (see `wsimil models`). Default abmil.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config; flags override it.")] = None,
+    method: Annotated[str | None, typer.Option(help="Training method. Default supervised.")] = None,
+    folds: Annotated[int | None, typer.Option(help="k of stratified, case-grouped k-fold CV.")] = None,
+    repeats: Annotated[int | None, typer.Option(help="Repeats of k-fold CV with new shuffles.")] = None,
+    splits: Annotated[Path | None, typer.Option(help="Fixed splits: CLAM splits_k.csv (file or folder), "
+                                                "Patho-Bench .tsv, or CSV slide_id,split.")] = None,
+    val_fraction: Annotated[float | None, typer.Option(help="Validation part of each training fold.")] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    lr: Annotated[float | None, typer.Option()] = None,
+    weight_decay: Annotated[float | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Bags per mini-batch (padded with a mask).")] = None,
+    max_instances: Annotated[int | None, typer.Option(help="Randomly subsample bigger bags in training.")] = None,
+    standardize: Annotated[bool | None, typer.Option("--standardize/--no-standardize",
+                                                     help="Standardise features on the training fold.")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
+) -> None:
+    """Train a MIL model with cross-validation; writes config.yaml, results.json, predictions.csv,
+    history.csv and per-fold checkpoints."""
+    from wsimil.config import load_config
+    from wsimil.methods.trainer import run_training
+    from wsimil.progress import console
+
+    cfg = load_config(config, model=model, method=method, folds=folds, repeats=repeats,
+                      splits=str(splits) if splits else None, val_fraction=val_fraction, epochs=epochs, lr=lr,
+                      weight_decay=weight_decay, batch_size=batch_size, max_instances=max_instances,
+                      standardize=standardize, seed=seed, device=device)
+    res = run_training(cfg, features, manifest, out)
+    _print_metrics(res["metrics"])
+    console.print(f"Results: {out / 'results.json'}")
+
+
+@app.command()
+@_user_errors
+def evaluate(
+    run: Annotated[Path, typer.Option(help="Run folder written by `wsimil train`.")],
+    features: Annotated[Path, typer.Option(help="Feature folder of the test cohort.")],
+    manifest: Annotated[Path, typer.Option(help="Manifest CSV of the test cohort.")],
+    out: Annotated[Path, typer.Option(help="Folder for results.json and predictions.csv.")],
+    device: Annotated[str, typer.Option()] = "auto",
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Score an external test set with each fold model and their ensemble, with bootstrap 95% CIs."""
+    from wsimil.evaluation.evaluate import evaluate_run
+    from wsimil.progress import console
+
+    res = evaluate_run(run, features, manifest, out, device=device, n_boot=bootstrap, seed=seed)
+    for k, v in res["ensemble"]["metrics"].items():
+        console.print(f"  {k:18s} {_fmt(v['value'])}  [95% CI {_fmt(v['ci_low'])}–{_fmt(v['ci_high'])}]")
+    console.print(f"Results: {out / 'results.json'}")
+
+
+@convert_app.command("mil-csv")
+@_user_errors
+def convert_mil_csv(
+    file: Annotated[Path, typer.Argument(help="Classic MIL CSV: label, bag id, features (no header).")],
+    out: Annotated[Path, typer.Option(help="Output folder: features/ and manifest.csv.")],
+    instance_labels: Annotated[str, typer.Option(help="auto|yes|no: is column 3 an instance-label column?")] = "auto",
+) -> None:
+    """Turn a classic MIL CSV (MUSK, Elephant, ...) into a feature folder and a manifest."""
+    from wsimil.data.mil_csv import convert_mil_csv as convert
+    from wsimil.progress import console
+
+    if instance_labels not in ("auto", "yes", "no"):
+        raise WsimilError(f"--instance-labels must be auto, yes or no, not {instance_labels!r}")
+    m = convert(file, out, instance_labels)
+    console.print(f"Wrote {out / 'features'} and {m}")
+
+
+@app.command()
+@_user_errors
+def models() -> None:
+    """List the available MIL aggregators."""
+    from wsimil.models import list_models
+
+    for name in list_models():
+        typer.echo(name)
+
+
+@app.command()
+@_user_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's data and outputs.")] = Path("wsimil_demo"),
+    epochs: Annotated[int, typer.Option()] = 20,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Run the whole pipeline on built-in synthetic data (a few minutes on CPU) and print where outputs are."""
+    from wsimil.demo import run_demo
+
+    run_demo(out, seed=seed, epochs=epochs, device=device)
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _print_metrics(metrics: dict) -> None:
+    from wsimil.progress import console
+
+    for k, v in metrics.items():
+        console.print(f"  {k:18s} {_fmt(v['mean'])} ± {_fmt(v['std'])}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,93 @@
+"""Typed run configuration. Each field maps to a CLI flag of ``wsimil train`` and to a key in a YAML file; the
+resolved config is saved beside every run's outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from wsimil.errors import WsimilError
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # what to train
+    model: str = "abmil"
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    method: str = "supervised"
+    classes: list[str] | None = None
+    label_column: str = "label"
+    # optimisation
+    epochs: int = Field(50, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+    scheduler: Literal["none", "cosine"] = "none"
+    batch_size: int = Field(1, ge=1)
+    grad_clip: float | None = None
+    balanced_sampling: bool = True
+    standardize: bool = False
+    max_instances: int | None = Field(None, ge=1)
+    # validation and early stopping
+    early_stopping: bool = True
+    monitor: Literal["val_loss", "val_auc"] = "val_loss"
+    patience: int = Field(10, ge=1)
+    min_epochs: int = Field(10, ge=0)
+    # splits
+    folds: int = Field(5, ge=2)
+    repeats: int = Field(1, ge=1)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    splits: str | None = None
+    # evaluation
+    bootstrap: int = Field(1000, ge=0)
+    # runtime
+    seed: int = 0
+    device: str = "auto"
+    eval_batch_size: int = Field(8, ge=1)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        from wsimil.models import list_models
+
+        if v not in list_models():
+            raise ValueError(f"unknown model {v!r}; available: {', '.join(list_models())}")
+        return v
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults ← YAML file ← overrides (CLI flags; ``None`` means "not given")."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise WsimilError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise WsimilError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise WsimilError(f"config file {path} must hold a mapping of option: value")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig(**data)
+    except ValidationError as e:
+        where = f" in {path}" if path else ""
+        msgs = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise WsimilError(f"invalid configuration{where}:\n  - " + "\n  - ".join(msgs)) from None
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise WsimilError(f"--device {device} was requested but CUDA is not available; use --device cpu")
+    return device

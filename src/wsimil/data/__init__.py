@@ -1,0 +1,1 @@
+"""Cohort tables, splits, in-memory bag datasets and synthetic data."""

@@ -1,0 +1,151 @@
+"""Train/validation/test splits: stratified group k-fold with repeats, CLAM ``splits_{k}.csv``, Patho-Bench
+``k=all.tsv`` and fixed lists.
+
+k-fold splits are stratified by label and grouped by ``case_id`` so a patient never spans train and test; the
+validation part is carved from each training part the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from wsimil.data.manifest import Manifest
+from wsimil.errors import WsimilError, problems_error
+from wsimil.io import write_csv
+
+
+@dataclass
+class Split:
+    repeat: int
+    fold: int
+    train: list[str]
+    val: list[str] = field(default_factory=list)
+    test: list[str] = field(default_factory=list)
+
+
+def _check_k(manifest: Manifest, k: int, what: str) -> None:
+    per_class = pd.Series(manifest.groups).groupby(manifest.labels).nunique()
+    smallest = int(per_class.min())
+    if k < 2:
+        raise WsimilError(f"{what} needs at least 2 folds, got {k}")
+    if smallest < k:
+        name = manifest.classes[int(per_class.idxmin())]
+        raise WsimilError(f"cannot make {k} stratified {what}: class {name!r} has only {smallest} case(s); "
+                          f"use fewer folds")
+
+
+def kfold_splits(manifest: Manifest, k: int = 5, repeats: int = 1, val_fraction: float = 0.1,
+                 seed: int = 0) -> list[Split]:
+    """``k`` folds × ``repeats``; each repeat reshuffles with seed ``seed + repeat``."""
+    if not 0 <= val_fraction < 1:
+        raise WsimilError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    _check_k(manifest, k, "folds")
+    ids = np.asarray(manifest.slide_ids)
+    y, groups = manifest.labels, manifest.groups
+    splits = []
+    for r in range(repeats):
+        outer = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed + r)
+        for f, (tr, te) in enumerate(outer.split(ids, y, groups)):
+            val_idx = np.array([], dtype=int)
+            if val_fraction > 0:
+                n_inner = max(2, round(1 / val_fraction))
+                sub = manifest.subset(list(ids[tr]))
+                _check_k(sub, n_inner, f"validation splits (val_fraction={val_fraction}) in fold {f}")
+                inner = StratifiedGroupKFold(n_splits=n_inner, shuffle=True, random_state=seed + 1000 * (r + 1) + f)
+                _, v = next(inner.split(tr, y[tr], groups[tr]))
+                val_idx = tr[v]
+                tr = np.setdiff1d(tr, val_idx)
+            splits.append(Split(r, f, sorted(ids[tr]), sorted(ids[val_idx]), sorted(ids[te])))
+    return splits
+
+
+def write_clam_splits(splits: list[Split], out_dir: str | Path) -> list[Path]:
+    """Write CLAM's ``splits_{k}.csv`` (columns train,val,test of slide ids) for repeat 0 (or all, numbered
+    sequentially, if there are repeats)."""
+    out_dir = Path(out_dir)
+    paths = []
+    for i, s in enumerate(splits):
+        n = max(len(s.train), len(s.val), len(s.test))
+        cols = {k: v + [""] * (n - len(v)) for k, v in (("train", s.train), ("val", s.val), ("test", s.test))}
+        p = out_dir / f"splits_{i}.csv"
+        write_csv(p, pd.DataFrame(cols))
+        paths.append(p)
+    return paths
+
+
+def read_splits(path: str | Path, manifest: Manifest | None = None) -> list[Split]:
+    """Read splits from a CLAM folder/file (``splits_{k}.csv``), a Patho-Bench ``.tsv`` or a fixed-list CSV
+    (``slide_id,split`` with values train/val/test). When ``manifest`` is given, every id must be in it."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("splits_*.csv"), key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
+        if not files:
+            raise WsimilError(f"no splits_{{k}}.csv files in {path}")
+        splits = [_read_clam_file(p, i) for i, p in enumerate(files)]
+    elif not path.is_file():
+        raise WsimilError(f"splits file {path} does not exist")
+    elif path.suffix == ".tsv":
+        splits = _read_patho_bench(path)
+    else:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if {"train", "val", "test"} <= set(df.columns) or {"train", "test"} <= set(df.columns):
+            m = re.findall(r"\d+", path.stem)
+            splits = [_read_clam_file(path, int(m[-1]) if m else 0)]
+        elif {"slide_id", "split"} <= set(df.columns):
+            splits = [_split_from_column(df["slide_id"], df["split"], path)]
+        else:
+            raise WsimilError(f"cannot tell the format of splits file {path}: expected columns train,val,test "
+                              f"(CLAM) or slide_id,split (fixed lists); found {', '.join(df.columns)}")
+    if manifest is not None:
+        known = set(manifest.slide_ids)
+        problems = []
+        for s in splits:
+            for part in ("train", "val", "test"):
+                for sid in getattr(s, part):
+                    if sid not in known:
+                        problems.append(f"fold {s.fold}: {part} slide {sid!r} is not in the manifest")
+            overlap = (set(s.train) & set(s.test)) | (set(s.val) & set(s.test)) | (set(s.train) & set(s.val))
+            for sid in sorted(overlap):
+                problems.append(f"fold {s.fold}: slide {sid!r} is in more than one of train/val/test")
+        if problems:
+            raise problems_error(f"splits {path} do not match the manifest", problems)
+    return splits
+
+
+def _read_clam_file(path: Path, fold: int) -> Split:
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df = df.drop(columns=[c for c in df.columns if c.startswith("Unnamed")])
+    parts = {c: [v for v in df[c] if v] if c in df.columns else [] for c in ("train", "val", "test")}
+    if not parts["train"] or not parts["test"]:
+        raise WsimilError(f"CLAM splits file {path} needs non-empty 'train' and 'test' columns")
+    return Split(0, fold, parts["train"], parts["val"], parts["test"])
+
+
+def _split_from_column(ids: pd.Series, values: pd.Series, path: Path, fold: int = 0) -> Split:
+    parts: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    bad = []
+    for sid, v in zip(ids, values, strict=True):
+        v = v.strip().lower()
+        v = {"validation": "val", "valid": "val"}.get(v, v)
+        if v in parts:
+            parts[v].append(sid)
+        elif v not in ("", "none", "nan"):
+            bad.append(f"slide {sid!r}: split value {v!r} is not train/val/test")
+    if bad:
+        raise problems_error(f"splits {path} are invalid", bad)
+    return Split(0, fold, parts["train"], parts["val"], parts["test"])
+
+
+def _read_patho_bench(path: Path) -> list[Split]:
+    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    fold_cols = sorted((c for c in df.columns if re.fullmatch(r"fold_\d+", c)), key=lambda c: int(c[5:]))
+    if "slide_id" not in df.columns or not fold_cols:
+        raise WsimilError(f"Patho-Bench splits {path} need a slide_id column and fold_0..fold_k columns; "
+                          f"found {', '.join(df.columns)}")
+    return [_split_from_column(df["slide_id"], df[c], path, int(c[5:])) for c in fold_cols]

@@ -1,0 +1,105 @@
+"""Synthetic bags for fast, checkable method tests.
+
+- Digit bags (Ilse et al. 2018, with scikit-learn's bundled 8×8 digits, so nothing is downloaded): a bag is
+  positive iff it holds the target digit; instance labels are known.
+- MIL algorithmic unit tests (after Raff & Holt, NeurIPS 2023): bags where a model that respects the standard MIL
+  assumption (a bag is positive iff it holds a positive instance) must succeed, and one that learns from
+  negative-only evidence must fail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from wsimil.features.store import write_bag
+from wsimil.io import write_csv
+
+
+@dataclass
+class SynthBag:
+    slide_id: str
+    features: np.ndarray  # (N, D) float32
+    instance_labels: np.ndarray  # (N,) int64
+    label: int
+
+
+def make_digit_bags(n_bags: int = 100, mean_size: float = 10, std_size: float = 2, target: int = 9,
+                    pos_fraction: float = 0.5, seed: int = 0) -> list[SynthBag]:
+    """Bags of 64-d digit images (pixel values / 16). Positive bags hold 1–3 images of ``target``."""
+    from sklearn.datasets import load_digits
+
+    rng = np.random.default_rng(seed)
+    digits = load_digits()
+    X = (digits.data / 16.0).astype(np.float32)
+    y = digits.target
+    pos_pool, neg_pool = np.flatnonzero(y == target), np.flatnonzero(y != target)
+    bags = []
+    n_pos = int(round(n_bags * pos_fraction))
+    for i in range(n_bags):
+        n = max(2, int(round(rng.normal(mean_size, std_size))))
+        label = int(i < n_pos)
+        k = int(rng.integers(1, min(3, n - 1) + 1)) if label else 0
+        idx = np.concatenate([rng.choice(pos_pool, k), rng.choice(neg_pool, n - k)])
+        idx = rng.permutation(idx)
+        bags.append(SynthBag(f"digits_{i:04d}", X[idx], (y[idx] == target).astype(np.int64), label))
+    order = rng.permutation(n_bags)
+    return [bags[i] for i in order]
+
+
+def write_bags(bags: list[SynthBag], out: str | Path, encoder: str = "synthetic") -> Path:
+    """Write ``out/features/{slide_id}.h5`` (with ``instance_labels``) and ``out/manifest.csv``."""
+    out = Path(out)
+    for b in bags:
+        write_bag(out / "features" / f"{b.slide_id}.h5", b.features, instance_labels=b.instance_labels,
+                  encoder=encoder)
+    mpath = out / "manifest.csv"
+    write_csv(mpath, pd.DataFrame([{"case_id": b.slide_id, "slide_id": b.slide_id, "label": b.label}
+                                   for b in bags]))
+    return mpath
+
+
+UNIT_TESTS = ("presence", "poison")
+
+
+def make_unit_test_bags(test: str, split: str, n_bags: int = 200, dim: int = 16, bag_size: int = 12,
+                        seed: int = 0) -> list[SynthBag]:
+    """Bags for one MIL algorithmic unit test.
+
+    Background instances are ``N(0, I)``. A positive bag holds 1–2 instances of a positive concept
+    ``N(μ_+, I)`` (instance label 1).
+
+    - ``presence``: nothing else; train and test alike. Every sensible model should pass.
+    - ``poison``: in training, every negative bag also holds 1–2 instances of a strong "poison" concept
+      ``N(μ_p, I)``, so "poison present ⇒ negative" is an easier rule than "positive concept present ⇒ positive".
+      That rule violates the standard MIL assumption (absence of evidence cannot make a bag positive). At test,
+      the poison moves to the positive bags: a model that learned it scores below chance; one that respects the
+      assumption still separates the classes.
+    """
+    if test not in UNIT_TESTS:
+        raise ValueError(f"unknown unit test {test!r}; choose from {UNIT_TESTS}")
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1, UNIT_TESTS.index(test)])
+    concept_rng = np.random.default_rng(12345)  # the concepts are fixed across splits
+    mu_pos = np.zeros(dim)
+    mu_pos[0] = 2.5  # a moderate signal in one dimension
+    mu_poison = concept_rng.normal(size=dim)
+    mu_poison[0] = 0
+    mu_poison *= 6.0 / np.linalg.norm(mu_poison)  # a strong signal spread over the others
+    bags = []
+    for i in range(n_bags):
+        label = i % 2
+        x = rng.normal(size=(bag_size, dim))
+        inst = np.zeros(bag_size, dtype=np.int64)
+        if label:
+            k = int(rng.integers(1, 3))
+            x[:k] += mu_pos
+            inst[:k] = 1
+        if test == "poison" and label == (0 if split == "train" else 1):
+            k = int(rng.integers(1, 3))
+            x[bag_size - k :] += mu_poison
+        perm = rng.permutation(bag_size)
+        bags.append(SynthBag(f"{test}_{split}_{i:04d}", x[perm].astype(np.float32), inst[perm], label))
+    return bags
