@@ -27,7 +27,7 @@ def _user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except WsimilError as e:
-            console.print("[bold red]Error:[/]", str(e), highlight=False)
+            console.print("[bold red]Error:[/]", str(e), highlight=False, soft_wrap=True)
             sys.exit(2)
 
     return wrapper

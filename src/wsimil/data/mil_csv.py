@@ -29,7 +29,8 @@ def read_mil_csv(path: str | Path, instance_labels: str = "auto") -> tuple[pd.Da
     if df.shape[1] < 3:
         raise WsimilError(f"MIL CSV {path} has {df.shape[1]} columns; expected label, bag id, features...")
     labels = pd.to_numeric(df[0], errors="coerce")
-    problems = [f"row {i + 1}: bag label {df.iat[i, 0]!r} is not 0/1" for i in np.flatnonzero(~labels.isin([0, 1]))]
+    bad = np.flatnonzero(~labels.isin([0, 1]))
+    problems = [f"row {i + 1}: bag label {str(df.iat[i, 0])!r} is not 0/1" for i in bad]
     if problems:
         raise problems_error(f"MIL CSV {path} is invalid", problems)
     bag_ids = df[1].astype(str)

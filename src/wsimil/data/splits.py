@@ -8,6 +8,7 @@ validation part is carved from each training part the same way.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,10 +56,13 @@ def kfold_splits(manifest: Manifest, k: int = 5, repeats: int = 1, val_fraction:
             val_idx = np.array([], dtype=int)
             if val_fraction > 0:
                 n_inner = max(2, round(1 / val_fraction))
-                sub = manifest.subset(list(ids[tr]))
-                _check_k(sub, n_inner, f"validation splits (val_fraction={val_fraction}) in fold {f}")
+                if len(set(groups[tr])) < n_inner:
+                    raise WsimilError(f"fold {f} has {len(set(groups[tr]))} training cases, too few to carve a "
+                                      f"validation part of {val_fraction}; lower val_fraction or use fewer folds")
                 inner = StratifiedGroupKFold(n_splits=n_inner, shuffle=True, random_state=seed + 1000 * (r + 1) + f)
-                _, v = next(inner.split(tr, y[tr], groups[tr]))
+                with warnings.catch_warnings():  # small classes: stratification is best effort here
+                    warnings.simplefilter("ignore", UserWarning)
+                    _, v = next(inner.split(tr, y[tr], groups[tr]))
                 val_idx = tr[v]
                 tr = np.setdiff1d(tr, val_idx)
             splits.append(Split(r, f, sorted(ids[tr]), sorted(ids[val_idx]), sorted(ids[te])))

@@ -65,6 +65,17 @@ def write_bags(bags: list[SynthBag], out: str | Path, encoder: str = "synthetic"
 UNIT_TESTS = ("presence", "poison")
 
 
+def unit_test_concepts(dim: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed concept means: positive = a moderate shift (2.5) in dimension 0; poison = a strong shift (norm 6)
+    spread over the other dimensions."""
+    mu_pos = np.zeros(dim)
+    mu_pos[0] = 2.5
+    mu_poison = np.random.default_rng(12345).normal(size=dim)
+    mu_poison[0] = 0
+    mu_poison *= 6.0 / np.linalg.norm(mu_poison)
+    return mu_pos, mu_poison
+
+
 def make_unit_test_bags(test: str, split: str, n_bags: int = 200, dim: int = 16, bag_size: int = 12,
                         seed: int = 0) -> list[SynthBag]:
     """Bags for one MIL algorithmic unit test.
@@ -82,12 +93,7 @@ def make_unit_test_bags(test: str, split: str, n_bags: int = 200, dim: int = 16,
     if test not in UNIT_TESTS:
         raise ValueError(f"unknown unit test {test!r}; choose from {UNIT_TESTS}")
     rng = np.random.default_rng([seed, 0 if split == "train" else 1, UNIT_TESTS.index(test)])
-    concept_rng = np.random.default_rng(12345)  # the concepts are fixed across splits
-    mu_pos = np.zeros(dim)
-    mu_pos[0] = 2.5  # a moderate signal in one dimension
-    mu_poison = concept_rng.normal(size=dim)
-    mu_poison[0] = 0
-    mu_poison *= 6.0 / np.linalg.norm(mu_poison)  # a strong signal spread over the others
+    mu_pos, mu_poison = unit_test_concepts(dim)
     bags = []
     for i in range(n_bags):
         label = i % 2

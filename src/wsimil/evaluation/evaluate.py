@@ -19,7 +19,7 @@ from wsimil.evaluation.predict import predict
 from wsimil.features.store import FeatureStore
 from wsimil.io import write_csv, write_json
 from wsimil.methods.trainer import load_model
-from wsimil.progress import console, track
+from wsimil.progress import track
 
 
 def evaluate_run(run: str | Path, features: str | Path, manifest: str | Path, out: str | Path,

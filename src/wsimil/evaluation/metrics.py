@@ -7,41 +7,57 @@ Metrics that are undefined on a set (AUC with one class present) are ``NaN`` and
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+from scipy.stats import rankdata
 
 METRICS = ("auc", "accuracy", "balanced_accuracy", "f1_macro", "f1_weighted")
 
 
-def auc(y: np.ndarray, probs: np.ndarray) -> float:
-    n_classes = probs.shape[1]
-    present = np.unique(y)
-    if len(present) < 2:
+def binary_auc(y: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC via the Mann–Whitney statistic (ties count one half); ``NaN`` if one class is absent."""
+    y = np.asarray(y, dtype=bool)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
         return float("nan")
-    if n_classes == 2:
-        return float(roc_auc_score(y, probs[:, 1]))
-    if len(present) < n_classes:  # one-vs-rest macro over the classes that occur
-        scores = [roc_auc_score(y == c, probs[:, c]) for c in present]
-        return float(np.mean(scores))
-    return float(roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=list(range(n_classes))))
+    ranks = rankdata(score)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def auc(y: np.ndarray, probs: np.ndarray) -> float:
+    """Positive-class AUC for two classes; one-vs-rest macro AUC over the classes present otherwise."""
+    y = np.asarray(y)
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    if probs.shape[1] == 2:
+        return binary_auc(y == 1, probs[:, 1])
+    return float(np.mean([binary_auc(y == c, probs[:, c]) for c in np.unique(y)]))
 
 
 def classification_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """``y (n,)`` class indices, ``probs (n, C)`` → ``{auc, accuracy, balanced_accuracy, f1_macro, f1_weighted}``."""
-    y = np.asarray(y)
+    """``y (n,)`` class indices, ``probs (n, C)`` → ``{auc, accuracy, balanced_accuracy, f1_macro, f1_weighted}``.
+
+    Balanced accuracy averages recall over the classes present in ``y``; F1 averages over all ``C`` classes
+    (macro) or weights by support (weighted), with F1 = 0 for a class never predicted nor present (scikit-learn's
+    ``zero_division=0``)."""
+    y = np.asarray(y, dtype=np.int64)
+    n_classes = probs.shape[1]
     pred = probs.argmax(1)
-    labels = list(range(probs.shape[1]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return {
-            "auc": auc(y, probs),
-            "accuracy": float(accuracy_score(y, pred)),
-            "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
-            "f1_macro": float(f1_score(y, pred, average="macro", labels=labels, zero_division=0)),
-            "f1_weighted": float(f1_score(y, pred, average="weighted", labels=labels, zero_division=0)),
-        }
+    cm = np.bincount(y * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    tp = np.diag(cm).astype(np.float64)
+    support = cm.sum(1).astype(np.float64)
+    predicted = cm.sum(0).astype(np.float64)
+    present = support > 0
+    denom = support + predicted
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    return {
+        "auc": auc(y, probs),
+        "accuracy": float(tp.sum() / max(len(y), 1)),
+        "balanced_accuracy": float((tp[present] / support[present]).mean()) if present.any() else float("nan"),
+        "f1_macro": float(f1.mean()),
+        "f1_weighted": float((f1 * support).sum() / support.sum()) if support.sum() else float("nan"),
+    }
 
 
 def bootstrap_ci(y: np.ndarray, probs: np.ndarray, n_boot: int = 1000, seed: int = 0,
@@ -84,10 +100,7 @@ def instance_auc(scores: list[np.ndarray], labels: list[np.ndarray]) -> float:
         y_all.append(np.asarray(lab)[keep])
     if not s_all:
         return float("nan")
-    y = np.concatenate(y_all)
-    if len(np.unique(y)) < 2:
-        return float("nan")
-    return float(roc_auc_score(y, np.concatenate(s_all)))
+    return binary_auc(np.concatenate(y_all) == 1, np.concatenate(s_all))
 
 
 def summarize(fold_metrics: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -99,6 +112,19 @@ def summarize(fold_metrics: list[dict[str, float]]) -> dict[str, dict[str, float
         vals = vals[~np.isnan(vals)]
         out[k] = {"mean": float(vals.mean()) if len(vals) else float("nan"),
                   "std": float(vals.std()) if len(vals) else float("nan")}
+    return out
+
+
+def summarize_repeats(fold_metrics: list[dict[str, float]], repeats: list[int]) -> dict[str, dict[str, float]]:
+    """Average folds within each repeat, then mean, std and standard error of the mean across repeats (the
+    statistic Ilse et al. 2018 report for the classic MIL benchmarks)."""
+    per_repeat = []
+    for r in sorted(set(repeats)):
+        per_repeat.append({k: v["mean"] for k, v in
+                           summarize([m for m, rr in zip(fold_metrics, repeats, strict=True) if rr == r]).items()})
+    out = summarize(per_repeat)
+    for v in out.values():
+        v["sem"] = v["std"] / math.sqrt(max(len(per_repeat) - 1, 1)) if not math.isnan(v["std"]) else float("nan")
     return out
 
 

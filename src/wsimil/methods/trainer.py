@@ -36,6 +36,7 @@ from wsimil.evaluation.metrics import (
     instance_auc,
     nan_to_none,
     summarize,
+    summarize_repeats,
 )
 from wsimil.evaluation.predict import predict
 from wsimil.features.store import FeatureStore
@@ -264,6 +265,9 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
                    **({"ci": r.ci} if r.ci else {})} for r in results],
         "config": resolved,
     }
+    repeats = sorted({r.split.repeat for r in results})
+    if len(repeats) > 1:
+        payload["repeat_metrics"] = summarize_repeats([r.metrics for r in results], [r.split.repeat for r in results])
     payload = nan_to_none(payload)
     write_json(out / "results.json", payload)
     return payload

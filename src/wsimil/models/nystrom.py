@@ -13,8 +13,6 @@ the maximum row/column sums over the whole batch, which makes one bag's output d
 
 from __future__ import annotations
 
-
-
 import torch
 from torch import Tensor, nn
 

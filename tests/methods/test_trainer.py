@@ -1,0 +1,123 @@
+import json
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from wsimil.config import load_config
+from wsimil.errors import WsimilError
+from wsimil.evaluation.evaluate import evaluate_run
+from wsimil.methods.trainer import load_model, run_training
+
+FAST = dict(epochs=4, folds=3, lr=1e-3, model_kwargs={"hidden_dims": [32], "attn_dim": 16}, bootstrap=50,
+            min_epochs=1, patience=2)
+
+
+def test_train_writes_the_run_contract(digit_cohort, tmp_path):
+    feats, manifest = digit_cohort
+    cfg = load_config(model="abmil", **FAST)
+    res = run_training(cfg, feats, manifest, tmp_path / "run")
+    run = tmp_path / "run"
+    on_disk = json.loads((run / "results.json").read_text())
+    assert on_disk == res
+    assert set(res["metrics"]) >= {"auc", "accuracy", "balanced_accuracy", "f1_macro", "f1_weighted",
+                                   "instance_auc"}
+    assert all(set(v) == {"mean", "std"} for v in res["metrics"].values())
+    assert len(res["folds"]) == 3 and {"repeat", "fold", "metrics", "ci"} <= set(res["folds"][0])
+    assert res["config"]["model"] == "abmil" and res["config"]["classes"] == ["0", "1"]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["seed"] == 0 and saved["in_dim"] == 64 and saved["epochs"] == 4
+    pred = pd.read_csv(run / "predictions.csv")
+    assert list(pred.columns) == ["slide_id", "repeat", "fold", "label", "prob_0", "prob_1"]
+    assert len(pred) == 60 and pred.slide_id.is_unique
+    assert ((pred.prob_0 + pred.prob_1 - 1).abs() < 1e-5).all()
+    hist = pd.read_csv(run / "history.csv")
+    assert {"train_loss", "train_bag", "val_loss", "val_auc"} <= set(hist.columns)
+    assert len(sorted((run / "checkpoints").glob("*.pt"))) == 3
+
+
+def test_same_seed_same_results_and_resume(digit_cohort, tmp_path):
+    feats, manifest = digit_cohort
+    fast = {**FAST, "epochs": 2, "folds": 2}
+    cfg = load_config(model="gated_abmil", **fast)
+    a = run_training(cfg, feats, manifest, tmp_path / "a")
+    b = run_training(cfg, feats, manifest, tmp_path / "b")
+    assert a["folds"] == b["folds"]
+    ck = tmp_path / "a" / "checkpoints" / "repeat0_fold0.pt"
+    mtime = ck.stat().st_mtime_ns
+    again = run_training(cfg, feats, manifest, tmp_path / "a")  # resume: reuses every fold
+    assert ck.stat().st_mtime_ns == mtime and again["folds"] == a["folds"]
+    other = run_training(load_config(model="gated_abmil", **{**fast, "seed": 1}), feats, manifest, tmp_path / "a")
+    assert ck.stat().st_mtime_ns != mtime and other["folds"] != a["folds"]  # a changed config retrains
+
+
+@pytest.mark.parametrize("model", ["clam_sb", "dsmil", "transmil", "max"])
+def test_other_models_train_in_batches(digit_cohort, tmp_path, model):
+    feats, manifest = digit_cohort
+    kw = {"hidden_dims": [32]} if model != "transmil" else {"hidden_dims": [32], "heads": 2, "num_landmarks": 8}
+    cfg = load_config(model=model, **{**FAST, "model_kwargs": kw, "batch_size": 4, "epochs": 2})
+    res = run_training(cfg, feats, manifest, tmp_path / model)
+    assert res["metrics"]["auc"]["mean"] is not None
+    hist = pd.read_csv(tmp_path / model / "history.csv")
+    if model == "clam_sb":
+        assert "train_instance" in hist.columns
+    if model == "dsmil":
+        assert {"train_bag_stream", "train_max_instance"} <= set(hist.columns)
+
+
+def test_standardizer_fits_training_fold_only(digit_cohort, tmp_path):
+    feats, manifest = digit_cohort
+    cfg = load_config(model="mean", **{**FAST, "standardize": True, "val_fraction": 0.0, "epochs": 1,
+                                       "model_kwargs": {"hidden_dims": [8]}})
+    res = run_training(cfg, feats, manifest, tmp_path / "run")
+    from wsimil.data.manifest import read_manifest
+    from wsimil.features.store import FeatureStore
+
+    store, man = FeatureStore(feats), read_manifest(manifest)
+    test_ids = set(pd.read_csv(tmp_path / "run" / "predictions.csv").query("fold == 0").slide_id)
+    train_x = torch.cat([torch.from_numpy(store.read(s).features) for s in man.slide_ids if s not in test_ids])
+    _, ck = load_model(tmp_path / "run" / "checkpoints" / "repeat0_fold0.pt")
+    torch.testing.assert_close(ck["standardizer"]["mean"], train_x.mean(0))
+    assert res["folds"][0]["n_val"] == 0
+
+
+def test_evaluate_external_set(digit_cohort, tmp_path):
+    from wsimil.data.synthetic import make_digit_bags, write_bags
+
+    feats, manifest = digit_cohort
+    run_training(load_config(model="abmil", **FAST), feats, manifest, tmp_path / "run")
+    ext = write_bags(make_digit_bags(30, seed=11), tmp_path / "ext")
+    res = evaluate_run(tmp_path / "run", tmp_path / "ext" / "features", ext, tmp_path / "eval", n_boot=50)
+    assert len(res["models"]) == 3 and "instance_auc" in res["models"][0]
+    auc = res["ensemble"]["metrics"]["auc"]
+    assert auc["ci_low"] <= auc["value"] <= auc["ci_high"]
+    pred = pd.read_csv(tmp_path / "eval" / "predictions.csv")
+    assert list(pred.columns) == ["slide_id", "label", "prob_0", "prob_1", "predicted"] and len(pred) == 30
+
+
+def test_evaluate_rejects_wrong_feature_width(digit_cohort, tmp_path):
+    import numpy as np
+
+    from wsimil.features.store import write_bag
+
+    feats, manifest = digit_cohort
+    cfg = load_config(model="mean", **{**FAST, "epochs": 1, "model_kwargs": {"hidden_dims": [8]}})
+    run_training(cfg, feats, manifest, tmp_path / "run")
+    for i in range(2):
+        write_bag(tmp_path / "other" / f"s{i}.h5", np.ones((3, 10)))
+    (tmp_path / "m.csv").write_text("case_id,slide_id,label\na,s0,0\nb,s1,1\n")
+    with pytest.raises(WsimilError, match="dimension 10 but run .* was trained on 64-d features"):
+        evaluate_run(tmp_path / "run", tmp_path / "other", tmp_path / "m.csv", tmp_path / "e")
+    with pytest.raises(WsimilError, match="not a wsimil run"):
+        evaluate_run(tmp_path, tmp_path / "other", tmp_path / "m.csv", tmp_path / "e")
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(WsimilError, match="model: Value error, unknown model 'nope'"):
+        load_config(model="nope")
+    p = tmp_path / "c.yaml"
+    p.write_text("epochs: -1\nfoo: 1\n")
+    with pytest.raises(WsimilError) as e:
+        load_config(p)
+    assert "epochs" in str(e.value) and "foo" in str(e.value) and str(p) in str(e.value)
