@@ -24,18 +24,47 @@ def test_models_command():
 
 def test_train_cli_and_user_errors(digit_cohort, tmp_path):
     feats, manifest = digit_cohort
-    res = runner.invoke(app, ["train", "--features", str(feats), "--manifest", str(manifest), "--model", "mean",
-                              "--folds", "2", "--epochs", "1", "--out", str(tmp_path / "run")])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--features",
+            str(feats),
+            "--manifest",
+            str(manifest),
+            "--model",
+            "mean",
+            "--folds",
+            "2",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "auc" in res.output and (tmp_path / "run" / "results.json").is_file()
 
-    res = runner.invoke(app, ["train", "--features", str(tmp_path / "nope"), "--manifest", str(manifest),
-                              "--out", str(tmp_path / "r2")])
+    res = runner.invoke(
+        app, ["train", "--features", str(tmp_path / "nope"), "--manifest", str(manifest), "--out", str(tmp_path / "r2")]
+    )
     assert res.exit_code == 2
     assert "Error:" in res.output and "does not exist" in res.output and "Traceback" not in res.output
 
-    res = runner.invoke(app, ["train", "--features", str(feats), "--manifest", str(manifest), "--model", "foo",
-                              "--out", str(tmp_path / "r3")])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--features",
+            str(feats),
+            "--manifest",
+            str(manifest),
+            "--model",
+            "foo",
+            "--out",
+            str(tmp_path / "r3"),
+        ],
+    )
     assert res.exit_code == 2 and "unknown model 'foo'" in res.output
 
 
@@ -84,9 +113,26 @@ def test_classic_config_learns_musk1_quickly(tmp_path):
     from pathlib import Path
 
     cfg = Path(__file__).resolve().parents[1] / "configs" / "classic_mil.yaml"
-    res = runner.invoke(app, ["train", "--config", str(cfg), "--features", str(tmp_path / "m" / "features"),
-                              "--manifest", str(tmp_path / "m" / "manifest.csv"), "--folds", "3", "--repeats", "1",
-                              "--epochs", "15", "--out", str(tmp_path / "run")])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--config",
+            str(cfg),
+            "--features",
+            str(tmp_path / "m" / "features"),
+            "--manifest",
+            str(tmp_path / "m" / "manifest.csv"),
+            "--folds",
+            "3",
+            "--repeats",
+            "1",
+            "--epochs",
+            "15",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     r = json.loads((tmp_path / "run" / "results.json").read_text())
     assert r["config"]["standardize"] is True and r["config"]["val_fraction"] == 0.0
@@ -110,6 +156,20 @@ def test_feature_width_mismatch_message(tmp_path):
     for i, d in enumerate((4, 4, 4, 6)):
         write_bag(tmp_path / "f" / f"s{i}.h5", np.ones((2, d)))
     (tmp_path / "m.csv").write_text("case_id,slide_id,label\na,s0,0\nb,s1,1\nc,s2,0\nd,s3,1\n")
-    res = runner.invoke(app, ["train", "--features", str(tmp_path / "f"), "--manifest", str(tmp_path / "m.csv"),
-                              "--out", str(tmp_path / "r"), "--folds", "2", "--val-fraction", "0"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--features",
+            str(tmp_path / "f"),
+            "--manifest",
+            str(tmp_path / "m.csv"),
+            "--out",
+            str(tmp_path / "r"),
+            "--folds",
+            "2",
+            "--val-fraction",
+            "0",
+        ],
+    )
     assert res.exit_code == 2 and "feature dimension 6 in 1 slide(s) ('s3')" in res.output

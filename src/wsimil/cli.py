@@ -11,8 +11,12 @@ import typer
 
 from wsimil.errors import WsimilError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Weakly supervised whole-slide image classification with multiple instance learning.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Weakly supervised whole-slide image classification with multiple instance learning.",
+)
 convert_app = typer.Typer(no_args_is_help=True, help="Convert datasets from other formats.")
 app.add_typer(convert_app, name="convert")
 
@@ -44,16 +48,19 @@ def train(
     method: Annotated[str | None, typer.Option(help="Training method. Default supervised.")] = None,
     folds: Annotated[int | None, typer.Option(help="k of stratified, case-grouped k-fold CV.")] = None,
     repeats: Annotated[int | None, typer.Option(help="Repeats of k-fold CV with new shuffles.")] = None,
-    splits: Annotated[Path | None, typer.Option(help="Fixed splits: CLAM splits_k.csv (file or folder), "
-                                                "Patho-Bench .tsv, or CSV slide_id,split.")] = None,
+    splits: Annotated[
+        Path | None,
+        typer.Option(help="Fixed splits: CLAM splits_k.csv (file or folder), Patho-Bench .tsv, or CSV slide_id,split."),
+    ] = None,
     val_fraction: Annotated[float | None, typer.Option(help="Validation part of each training fold.")] = None,
     epochs: Annotated[int | None, typer.Option()] = None,
     lr: Annotated[float | None, typer.Option()] = None,
     weight_decay: Annotated[float | None, typer.Option()] = None,
     batch_size: Annotated[int | None, typer.Option(help="Bags per mini-batch (padded with a mask).")] = None,
     max_instances: Annotated[int | None, typer.Option(help="Randomly subsample bigger bags in training.")] = None,
-    standardize: Annotated[bool | None, typer.Option("--standardize/--no-standardize",
-                                                     help="Standardise features on the training fold.")] = None,
+    standardize: Annotated[
+        bool | None, typer.Option("--standardize/--no-standardize", help="Standardise features on the training fold.")
+    ] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
 ) -> None:
@@ -63,10 +70,23 @@ def train(
     from wsimil.methods.trainer import run_training
     from wsimil.progress import console
 
-    cfg = load_config(config, model=model, method=method, folds=folds, repeats=repeats,
-                      splits=str(splits) if splits else None, val_fraction=val_fraction, epochs=epochs, lr=lr,
-                      weight_decay=weight_decay, batch_size=batch_size, max_instances=max_instances,
-                      standardize=standardize, seed=seed, device=device)
+    cfg = load_config(
+        config,
+        model=model,
+        method=method,
+        folds=folds,
+        repeats=repeats,
+        splits=str(splits) if splits else None,
+        val_fraction=val_fraction,
+        epochs=epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        max_instances=max_instances,
+        standardize=standardize,
+        seed=seed,
+        device=device,
+    )
     res = run_training(cfg, features, manifest, out)
     _print_metrics(res["metrics"])
     console.print(f"Results: {out / 'results.json'}")

@@ -62,9 +62,15 @@ def test_clam_roundtrip(manifest, tmp_path):
 
 def test_patho_bench_and_fixed_lists(manifest, tmp_path):
     ids = manifest.slide_ids
-    tsv = pd.DataFrame({"case_id": manifest.groups, "slide_id": ids, "task": manifest.labels,
-                        "fold_0": ["test" if i % 2 else "train" for i in range(len(ids))],
-                        "fold_1": ["train" if i % 2 else "test" for i in range(len(ids))]})
+    tsv = pd.DataFrame(
+        {
+            "case_id": manifest.groups,
+            "slide_id": ids,
+            "task": manifest.labels,
+            "fold_0": ["test" if i % 2 else "train" for i in range(len(ids))],
+            "fold_1": ["train" if i % 2 else "test" for i in range(len(ids))],
+        }
+    )
     tsv.to_csv(tmp_path / "k=all.tsv", sep="\t", index=False)
     splits = read_splits(tmp_path / "k=all.tsv", manifest)
     assert len(splits) == 2 and set(splits[0].test) == set(splits[1].train)
@@ -76,7 +82,8 @@ def test_patho_bench_and_fixed_lists(manifest, tmp_path):
 
 def test_splits_must_match_manifest(manifest, tmp_path):
     pd.DataFrame({"slide_id": ["ghost", manifest.slide_ids[0]], "split": ["train", "test"]}).to_csv(
-        tmp_path / "f.csv", index=False)
+        tmp_path / "f.csv", index=False
+    )
     with pytest.raises(WsimilError, match="train slide 'ghost' is not in the manifest"):
         read_splits(tmp_path / "f.csv", manifest)
     pd.DataFrame({"slide_id": ["a"], "split": ["holdout"]}).to_csv(tmp_path / "g.csv", index=False)

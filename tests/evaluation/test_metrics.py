@@ -79,12 +79,12 @@ def test_metrics_match_scikit_learn(n_classes):
             p /= p.sum(1, keepdims=True)
         m = classification_metrics(y, p)
         pred = p.argmax(1)
-        ref_auc = (roc_auc_score(y, p[:, 1]) if n_classes == 2
-                   else roc_auc_score(y, p, multi_class="ovr", average="macro"))
+        ref_auc = (
+            roc_auc_score(y, p[:, 1]) if n_classes == 2 else roc_auc_score(y, p, multi_class="ovr", average="macro")
+        )
         assert m["auc"] == pytest.approx(ref_auc)
         assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
         assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
         labels = list(range(n_classes))
         assert m["f1_macro"] == pytest.approx(f1_score(y, pred, average="macro", labels=labels, zero_division=0))
-        assert m["f1_weighted"] == pytest.approx(
-            f1_score(y, pred, average="weighted", labels=labels, zero_division=0))
+        assert m["f1_weighted"] == pytest.approx(f1_score(y, pred, average="weighted", labels=labels, zero_division=0))

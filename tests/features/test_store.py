@@ -11,8 +11,15 @@ def test_trident_roundtrip_with_provenance(tmp_path):
     d = tmp_path / "20x_256px_0px_overlap" / "features_uni"
     feats = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
     coords = np.arange(10).reshape(5, 2) * 256
-    write_bag(d / "s1.h5", feats, coords, encoder="uni", attrs={"weights_sha256": "abc"},
-              coords_attrs={"patch_size": 256}, instance_labels=np.array([0, 1, -1, 0, 1]))
+    write_bag(
+        d / "s1.h5",
+        feats,
+        coords,
+        encoder="uni",
+        attrs={"weights_sha256": "abc"},
+        coords_attrs={"patch_size": 256},
+        instance_labels=np.array([0, 1, -1, 0, 1]),
+    )
     store = FeatureStore(d)
     assert store.layout == "flat_h5" and store.slide_ids() == ["s1"]
     bag = store.read("s1")

@@ -10,8 +10,15 @@ from wsimil.errors import WsimilError
 from wsimil.evaluation.evaluate import evaluate_run
 from wsimil.methods.trainer import load_model, run_training
 
-FAST = dict(epochs=4, folds=3, lr=1e-3, model_kwargs={"hidden_dims": [32], "attn_dim": 16}, bootstrap=50,
-            min_epochs=1, patience=2)
+FAST = dict(
+    epochs=4,
+    folds=3,
+    lr=1e-3,
+    model_kwargs={"hidden_dims": [32], "attn_dim": 16},
+    bootstrap=50,
+    min_epochs=1,
+    patience=2,
+)
 
 
 def test_train_writes_the_run_contract(digit_cohort, tmp_path):
@@ -21,8 +28,7 @@ def test_train_writes_the_run_contract(digit_cohort, tmp_path):
     run = tmp_path / "run"
     on_disk = json.loads((run / "results.json").read_text())
     assert on_disk == res
-    assert set(res["metrics"]) >= {"auc", "accuracy", "balanced_accuracy", "f1_macro", "f1_weighted",
-                                   "instance_auc"}
+    assert set(res["metrics"]) >= {"auc", "accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "instance_auc"}
     assert all(set(v) == {"mean", "std"} for v in res["metrics"].values())
     assert len(res["folds"]) == 3 and {"repeat", "fold", "metrics", "ci"} <= set(res["folds"][0])
     assert res["config"]["model"] == "abmil" and res["config"]["classes"] == ["0", "1"]
@@ -68,8 +74,10 @@ def test_other_models_train_in_batches(digit_cohort, tmp_path, model):
 
 def test_standardizer_fits_training_fold_only(digit_cohort, tmp_path):
     feats, manifest = digit_cohort
-    cfg = load_config(model="mean", **{**FAST, "standardize": True, "val_fraction": 0.0, "epochs": 1,
-                                       "model_kwargs": {"hidden_dims": [8]}})
+    cfg = load_config(
+        model="mean",
+        **{**FAST, "standardize": True, "val_fraction": 0.0, "epochs": 1, "model_kwargs": {"hidden_dims": [8]}},
+    )
     res = run_training(cfg, feats, manifest, tmp_path / "run")
     from wsimil.data.manifest import read_manifest
     from wsimil.features.store import FeatureStore

@@ -61,9 +61,10 @@ def test_padding_does_not_change_outputs(name):
         torch.testing.assert_close(batch.logits[i], o.logits[0], rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(batch.bag_embedding[i], o.bag_embedding[0], rtol=1e-9, atol=1e-9)
         if o.attention_logits is not None:
-            torch.testing.assert_close(batch.attention_logits[i][..., : len(x)], o.attention_logits[0],
-                                       rtol=1e-8, atol=1e-9)
-            assert torch.isneginf(batch.attention_logits[i][..., len(x):]).all()
+            torch.testing.assert_close(
+                batch.attention_logits[i][..., : len(x)], o.attention_logits[0], rtol=1e-8, atol=1e-9
+            )
+            assert torch.isneginf(batch.attention_logits[i][..., len(x) :]).all()
         if o.instance_logits is not None:
             torch.testing.assert_close(batch.instance_logits[i, : len(x)], o.instance_logits[0])
 

@@ -92,13 +92,15 @@ def read_manifest(path: str | Path, classes: list[str] | None = None, label_colu
         classes = [str(c) for c in classes]
         for i, (sid, lab) in enumerate(zip(df["slide_id"], df[label_column], strict=True)):
             if lab and lab.lower() != "nan" and lab not in classes:
-                problems.append(f"slide {sid!r} (row {i + 2}): unknown {label_column} {lab!r}; "
-                                f"expected one of {classes}")
+                problems.append(
+                    f"slide {sid!r} (row {i + 2}): unknown {label_column} {lab!r}; expected one of {classes}"
+                )
     if problems:
         raise problems_error(f"manifest {path} is invalid", problems)
     if len(classes) < 2:
-        raise WsimilError(f"manifest {path}: column {label_column!r} has a single class {classes}; "
-                          "training needs at least two")
+        raise WsimilError(
+            f"manifest {path}: column {label_column!r} has a single class {classes}; training needs at least two"
+        )
     index = {c: i for i, c in enumerate(classes)}
     df["y"] = [index[v] for v in df[label_column]]
     return Manifest(df.reset_index(drop=True), classes, path)
@@ -125,8 +127,10 @@ def load_cohort(manifest: Manifest, store: FeatureStore, desc: str = "Loading fe
         if not store.has(sid):
             problems.append(f"slide {sid!r}: feature file not found ({store.path(sid)})")
     if problems:
-        raise problems_error(f"{len(problems)} of {len(manifest.slide_ids)} slides in the manifest have no "
-                             f"features in {store.dir}", problems)
+        raise problems_error(
+            f"{len(problems)} of {len(manifest.slide_ids)} slides in the manifest have no features in {store.dir}",
+            problems,
+        )
 
     bags: dict[str, Bag] = {}
     dims: dict[int, list[str]] = {}
@@ -142,8 +146,10 @@ def load_cohort(manifest: Manifest, store: FeatureStore, desc: str = "Loading fe
         if bad.any():
             rows = np.flatnonzero(bad.any(1))
             kinds = "/".join(k for k, m in (("NaN", np.isnan), ("inf", np.isinf)) if m(bag.features).any())
-            problems.append(f"slide {sid!r}: {kinds} in {len(rows)} of {len(bag.features)} instances "
-                            f"(first at row {rows[0]}) in {store.path(sid)}")
+            problems.append(
+                f"slide {sid!r}: {kinds} in {len(rows)} of {len(bag.features)} instances "
+                f"(first at row {rows[0]}) in {store.path(sid)}"
+            )
         dims.setdefault(bag.features.shape[1], []).append(sid)
         bags[sid] = bag
     if len(dims) > 1:
@@ -151,8 +157,7 @@ def load_cohort(manifest: Manifest, store: FeatureStore, desc: str = "Loading fe
         for d, sids in sorted(dims.items()):
             if d != majority:
                 shown = ", ".join(repr(s) for s in sids[:10]) + (" ..." if len(sids) > 10 else "")
-                problems.append(f"feature dimension {d} in {len(sids)} slide(s) ({shown}); most slides have "
-                                f"{majority}")
+                problems.append(f"feature dimension {d} in {len(sids)} slide(s) ({shown}); most slides have {majority}")
     if problems:
         raise problems_error(f"feature bags in {store.dir} are invalid", problems)
     in_dim = next(iter(dims)) if dims else 0

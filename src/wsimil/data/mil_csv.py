@@ -37,24 +37,31 @@ def read_mil_csv(path: str | Path, instance_labels: str = "auto") -> tuple[pd.Da
     feats = df.iloc[:, 2:].apply(pd.to_numeric, errors="coerce")
     bad_rows = np.flatnonzero(feats.isna().any(axis=1).to_numpy())
     if len(bad_rows):
-        raise problems_error(f"MIL CSV {path} has non-numeric or missing features",
-                             [f"row {i + 1} (bag {bag_ids.iat[i]})" for i in bad_rows])
+        raise problems_error(
+            f"MIL CSV {path} has non-numeric or missing features",
+            [f"row {i + 1} (bag {bag_ids.iat[i]})" for i in bad_rows],
+        )
     rows = pd.DataFrame({"bag_id": bag_ids, "label": labels.astype(int)})
     inconsistent = rows.groupby("bag_id")["label"].nunique()
     inconsistent = inconsistent[inconsistent > 1]
     if len(inconsistent):
-        raise problems_error(f"MIL CSV {path}: bags with more than one label",
-                             [f"bag {b!r}" for b in inconsistent.index])
+        raise problems_error(
+            f"MIL CSV {path}: bags with more than one label", [f"bag {b!r}" for b in inconsistent.index]
+        )
     X = feats.to_numpy(dtype=np.float32)
     inst = None
     if instance_labels != "no":
         col = X[:, 0]
-        looks = np.isin(col, [0, 1]).all() and (
-            pd.Series(col).groupby(rows["bag_id"].to_numpy()).max() == rows.groupby("bag_id")["label"].first()
-        ).all()
+        looks = (
+            np.isin(col, [0, 1]).all()
+            and (
+                pd.Series(col).groupby(rows["bag_id"].to_numpy()).max() == rows.groupby("bag_id")["label"].first()
+            ).all()
+        )
         if instance_labels == "yes" and not looks:
-            raise WsimilError(f"MIL CSV {path}: column 3 is not a 0/1 instance-label column consistent with the "
-                              "bag labels")
+            raise WsimilError(
+                f"MIL CSV {path}: column 3 is not a 0/1 instance-label column consistent with the bag labels"
+            )
         if looks and X.shape[1] > 1:
             inst, X = col.astype(np.int64), X[:, 1:]
     return rows, X, inst
@@ -67,8 +74,13 @@ def convert_mil_csv(path: str | Path, out: str | Path, instance_labels: str = "a
     manifest = []
     for bag_id, idx in rows.groupby("bag_id", sort=False).indices.items():
         sid = f"bag_{bag_id}"
-        write_bag(out / "features" / f"{sid}.h5", X[idx], instance_labels=None if inst is None else inst[idx],
-                  encoder="mil_csv", attrs={"source": str(Path(path).name)})
+        write_bag(
+            out / "features" / f"{sid}.h5",
+            X[idx],
+            instance_labels=None if inst is None else inst[idx],
+            encoder="mil_csv",
+            attrs={"source": str(Path(path).name)},
+        )
         manifest.append({"case_id": sid, "slide_id": sid, "label": int(rows["label"].iat[idx[0]])})
     mpath = out / "manifest.csv"
     write_csv(mpath, pd.DataFrame(manifest))

@@ -37,12 +37,14 @@ def _check_k(manifest: Manifest, k: int, what: str) -> None:
         raise WsimilError(f"{what} needs at least 2 folds, got {k}")
     if smallest < k:
         name = manifest.classes[int(per_class.idxmin())]
-        raise WsimilError(f"cannot make {k} stratified {what}: class {name!r} has only {smallest} case(s); "
-                          f"use fewer folds")
+        raise WsimilError(
+            f"cannot make {k} stratified {what}: class {name!r} has only {smallest} case(s); use fewer folds"
+        )
 
 
-def kfold_splits(manifest: Manifest, k: int = 5, repeats: int = 1, val_fraction: float = 0.1,
-                 seed: int = 0) -> list[Split]:
+def kfold_splits(
+    manifest: Manifest, k: int = 5, repeats: int = 1, val_fraction: float = 0.1, seed: int = 0
+) -> list[Split]:
     """``k`` folds × ``repeats``; each repeat reshuffles with seed ``seed + repeat``."""
     if not 0 <= val_fraction < 1:
         raise WsimilError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -57,8 +59,10 @@ def kfold_splits(manifest: Manifest, k: int = 5, repeats: int = 1, val_fraction:
             if val_fraction > 0:
                 n_inner = max(2, round(1 / val_fraction))
                 if len(set(groups[tr])) < n_inner:
-                    raise WsimilError(f"fold {f} has {len(set(groups[tr]))} training cases, too few to carve a "
-                                      f"validation part of {val_fraction}; lower val_fraction or use fewer folds")
+                    raise WsimilError(
+                        f"fold {f} has {len(set(groups[tr]))} training cases, too few to carve a "
+                        f"validation part of {val_fraction}; lower val_fraction or use fewer folds"
+                    )
                 inner = StratifiedGroupKFold(n_splits=n_inner, shuffle=True, random_state=seed + 1000 * (r + 1) + f)
                 with warnings.catch_warnings():  # small classes: stratification is best effort here
                     warnings.simplefilter("ignore", UserWarning)
@@ -104,8 +108,10 @@ def read_splits(path: str | Path, manifest: Manifest | None = None) -> list[Spli
         elif {"slide_id", "split"} <= set(df.columns):
             splits = [_split_from_column(df["slide_id"], df["split"], path)]
         else:
-            raise WsimilError(f"cannot tell the format of splits file {path}: expected columns train,val,test "
-                              f"(CLAM) or slide_id,split (fixed lists); found {', '.join(df.columns)}")
+            raise WsimilError(
+                f"cannot tell the format of splits file {path}: expected columns train,val,test "
+                f"(CLAM) or slide_id,split (fixed lists); found {', '.join(df.columns)}"
+            )
     if manifest is not None:
         known = set(manifest.slide_ids)
         problems = []
@@ -150,6 +156,8 @@ def _read_patho_bench(path: Path) -> list[Split]:
     df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
     fold_cols = sorted((c for c in df.columns if re.fullmatch(r"fold_\d+", c)), key=lambda c: int(c[5:]))
     if "slide_id" not in df.columns or not fold_cols:
-        raise WsimilError(f"Patho-Bench splits {path} need a slide_id column and fold_0..fold_k columns; "
-                          f"found {', '.join(df.columns)}")
+        raise WsimilError(
+            f"Patho-Bench splits {path} need a slide_id column and fold_0..fold_k columns; "
+            f"found {', '.join(df.columns)}"
+        )
     return [_split_from_column(df["slide_id"], df[c], path, int(c[5:])) for c in fold_cols]

@@ -27,8 +27,14 @@ class SynthBag:
     label: int
 
 
-def make_digit_bags(n_bags: int = 100, mean_size: float = 10, std_size: float = 2, target: int = 9,
-                    pos_fraction: float = 0.5, seed: int = 0) -> list[SynthBag]:
+def make_digit_bags(
+    n_bags: int = 100,
+    mean_size: float = 10,
+    std_size: float = 2,
+    target: int = 9,
+    pos_fraction: float = 0.5,
+    seed: int = 0,
+) -> list[SynthBag]:
     """Bags of 64-d digit images (pixel values / 16). Positive bags hold 1–3 images of ``target``."""
     from sklearn.datasets import load_digits
 
@@ -54,11 +60,9 @@ def write_bags(bags: list[SynthBag], out: str | Path, encoder: str = "synthetic"
     """Write ``out/features/{slide_id}.h5`` (with ``instance_labels``) and ``out/manifest.csv``."""
     out = Path(out)
     for b in bags:
-        write_bag(out / "features" / f"{b.slide_id}.h5", b.features, instance_labels=b.instance_labels,
-                  encoder=encoder)
+        write_bag(out / "features" / f"{b.slide_id}.h5", b.features, instance_labels=b.instance_labels, encoder=encoder)
     mpath = out / "manifest.csv"
-    write_csv(mpath, pd.DataFrame([{"case_id": b.slide_id, "slide_id": b.slide_id, "label": b.label}
-                                   for b in bags]))
+    write_csv(mpath, pd.DataFrame([{"case_id": b.slide_id, "slide_id": b.slide_id, "label": b.label} for b in bags]))
     return mpath
 
 
@@ -76,8 +80,9 @@ def unit_test_concepts(dim: int = 16) -> tuple[np.ndarray, np.ndarray]:
     return mu_pos, mu_poison
 
 
-def make_unit_test_bags(test: str, split: str, n_bags: int = 200, dim: int = 16, bag_size: int = 12,
-                        seed: int = 0) -> list[SynthBag]:
+def make_unit_test_bags(
+    test: str, split: str, n_bags: int = 200, dim: int = 16, bag_size: int = 12, seed: int = 0
+) -> list[SynthBag]:
     """Bags for one MIL algorithmic unit test.
 
     Background instances are ``N(0, I)``. A positive bag holds 1–2 instances of a positive concept

@@ -22,8 +22,16 @@ from wsimil.methods.trainer import load_model
 from wsimil.progress import track
 
 
-def evaluate_run(run: str | Path, features: str | Path, manifest: str | Path, out: str | Path,
-                 device: str = "auto", n_boot: int = 1000, seed: int = 0, batch_size: int = 8) -> dict:
+def evaluate_run(
+    run: str | Path,
+    features: str | Path,
+    manifest: str | Path,
+    out: str | Path,
+    device: str = "auto",
+    n_boot: int = 1000,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> dict:
     run, out = Path(run), Path(out)
     cfg_path = run / "config.yaml"
     if not cfg_path.is_file():
@@ -36,8 +44,10 @@ def evaluate_run(run: str | Path, features: str | Path, manifest: str | Path, ou
     man = read_manifest(manifest, classes, cfg.get("label_column", "label"))
     cohort = load_cohort(man, FeatureStore(features))
     if cohort.in_dim != cfg["in_dim"]:
-        raise WsimilError(f"features in {features} have dimension {cohort.in_dim} but run {run} was trained on "
-                          f"{cfg['in_dim']}-d features (encoder mismatch?)")
+        raise WsimilError(
+            f"features in {features} have dimension {cohort.in_dim} but run {run} was trained on "
+            f"{cfg['in_dim']}-d features (encoder mismatch?)"
+        )
     dev = resolve_device(device)
     bags = [torch.from_numpy(cohort.bags[s].features) for s in man.slide_ids]
     y = man.labels
@@ -48,19 +58,37 @@ def evaluate_run(run: str | Path, features: str | Path, manifest: str | Path, ou
         std = Standardizer.from_state(ck.get("standardizer"))
         pred = predict(model, bags, dev, y, std, batch_size, with_instances=has_inst)
         probs_all.append(pred.probs)
-        entry = {"checkpoint": ck_path.name, "repeat": ck["repeat"], "fold": ck["fold"],
-                 "metrics": bootstrap_ci(y, pred.probs, n_boot, seed)}
+        entry = {
+            "checkpoint": ck_path.name,
+            "repeat": ck["repeat"],
+            "fold": ck["fold"],
+            "metrics": bootstrap_ci(y, pred.probs, n_boot, seed),
+        }
         if pred.instance_scores is not None:
-            entry["instance_auc"] = instance_auc(pred.instance_scores,
-                                                 [cohort.bags[s].instance_labels for s in man.slide_ids])
+            entry["instance_auc"] = instance_auc(
+                pred.instance_scores, [cohort.bags[s].instance_labels for s in man.slide_ids]
+            )
         models_out.append(entry)
     ens = np.mean(probs_all, axis=0)
     for i, sid in enumerate(man.slide_ids):
-        rows.append({"slide_id": sid, "label": classes[y[i]],
-                     **{f"prob_{c}": float(p) for c, p in zip(classes, ens[i], strict=True)},
-                     "predicted": classes[int(ens[i].argmax())]})
-    result = nan_to_none({"ensemble": {"metrics": bootstrap_ci(y, ens, n_boot, seed)}, "models": models_out,
-                          "run": str(run.resolve()), "n_slides": len(y), "ci_level": 0.95, "n_bootstrap": n_boot})
+        rows.append(
+            {
+                "slide_id": sid,
+                "label": classes[y[i]],
+                **{f"prob_{c}": float(p) for c, p in zip(classes, ens[i], strict=True)},
+                "predicted": classes[int(ens[i].argmax())],
+            }
+        )
+    result = nan_to_none(
+        {
+            "ensemble": {"metrics": bootstrap_ci(y, ens, n_boot, seed)},
+            "models": models_out,
+            "run": str(run.resolve()),
+            "n_slides": len(y),
+            "ci_level": 0.95,
+            "n_bootstrap": n_boot,
+        }
+    )
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", result)
     write_csv(out / "predictions.csv", pd.DataFrame(rows))

@@ -60,8 +60,9 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]
     }
 
 
-def bootstrap_ci(y: np.ndarray, probs: np.ndarray, n_boot: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> dict[str, dict[str, float]]:
+def bootstrap_ci(
+    y: np.ndarray, probs: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, dict[str, float]]:
     """Percentile bootstrap over slides: ``{metric: {"value", "ci_low", "ci_high"}}``."""
     point = classification_metrics(y, probs)
     rng = np.random.default_rng(seed)
@@ -76,9 +77,11 @@ def bootstrap_ci(y: np.ndarray, probs: np.ndarray, n_boot: int = 1000, seed: int
     out = {}
     for k, v in point.items():
         s = samples[k]
-        out[k] = {"value": v,
-                  "ci_low": float(np.percentile(s, lo)) if s else float("nan"),
-                  "ci_high": float(np.percentile(s, hi)) if s else float("nan")}
+        out[k] = {
+            "value": v,
+            "ci_low": float(np.percentile(s, lo)) if s else float("nan"),
+            "ci_high": float(np.percentile(s, hi)) if s else float("nan"),
+        }
     return out
 
 
@@ -110,8 +113,10 @@ def summarize(fold_metrics: list[dict[str, float]]) -> dict[str, dict[str, float
     for k in keys:
         vals = np.array([m.get(k, float("nan")) for m in fold_metrics], dtype=np.float64)
         vals = vals[~np.isnan(vals)]
-        out[k] = {"mean": float(vals.mean()) if len(vals) else float("nan"),
-                  "std": float(vals.std()) if len(vals) else float("nan")}
+        out[k] = {
+            "mean": float(vals.mean()) if len(vals) else float("nan"),
+            "std": float(vals.std()) if len(vals) else float("nan"),
+        }
     return out
 
 
@@ -120,8 +125,12 @@ def summarize_repeats(fold_metrics: list[dict[str, float]], repeats: list[int]) 
     statistic Ilse et al. 2018 report for the classic MIL benchmarks)."""
     per_repeat = []
     for r in sorted(set(repeats)):
-        per_repeat.append({k: v["mean"] for k, v in
-                           summarize([m for m, rr in zip(fold_metrics, repeats, strict=True) if rr == r]).items()})
+        per_repeat.append(
+            {
+                k: v["mean"]
+                for k, v in summarize([m for m, rr in zip(fold_metrics, repeats, strict=True) if rr == r]).items()
+            }
+        )
     out = summarize(per_repeat)
     for v in out.values():
         v["sem"] = v["std"] / math.sqrt(max(len(per_repeat) - 1, 1)) if not math.isnan(v["std"]) else float("nan")

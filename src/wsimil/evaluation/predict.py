@@ -36,9 +36,15 @@ def instance_scores(out: MILOutput, n_classes: int) -> Tensor | None:
 
 
 @torch.no_grad()
-def predict(model: MILModel, bags: list[Tensor], device: str, labels: np.ndarray | None = None,
-            standardizer: Standardizer | None = None, batch_size: int = 8,
-            with_instances: bool = False) -> Predictions:
+def predict(
+    model: MILModel,
+    bags: list[Tensor],
+    device: str,
+    labels: np.ndarray | None = None,
+    standardizer: Standardizer | None = None,
+    batch_size: int = 8,
+    with_instances: bool = False,
+) -> Predictions:
     """Run ``model`` in eval mode over ``bags`` (each ``(N_i, D)``), batching bags of similar size."""
     model.eval()
     order = np.argsort([b.shape[0] for b in bags], kind="stable")

@@ -110,8 +110,11 @@ class FeatureStore:
                 _bag_shape(slide_id, path, feats.shape)
                 feats = feats.reshape(-1, feats.shape[-1])
                 coords = np.asarray(f["coords"][()]).reshape(-1, 2).astype(np.int64) if "coords" in f else None
-                labels = (np.asarray(f["instance_labels"][()]).reshape(-1).astype(np.int64)
-                          if "instance_labels" in f else None)
+                labels = (
+                    np.asarray(f["instance_labels"][()]).reshape(-1).astype(np.int64)
+                    if "instance_labels" in f
+                    else None
+                )
         except OSError as e:
             raise WsimilError(f"slide {slide_id!r}: cannot read {path}: {e}") from e
         n = feats.shape[0]
@@ -130,9 +133,16 @@ def _bag_shape(slide_id: str, path: Path, shape: tuple[int, ...]) -> tuple[int, 
     return int(shape[0]), int(shape[1])
 
 
-def write_bag(path: str | Path, features: np.ndarray, coords: np.ndarray | None = None, *,
-              instance_labels: np.ndarray | None = None, encoder: str | None = None,
-              attrs: dict[str, Any] | None = None, coords_attrs: dict[str, Any] | None = None) -> Path:
+def write_bag(
+    path: str | Path,
+    features: np.ndarray,
+    coords: np.ndarray | None = None,
+    *,
+    instance_labels: np.ndarray | None = None,
+    encoder: str | None = None,
+    attrs: dict[str, Any] | None = None,
+    coords_attrs: dict[str, Any] | None = None,
+) -> Path:
     """Write one bag in TRIDENT's layout, atomically. ``attrs`` go on ``features`` (provenance: encoder,
     weights checksum, transforms, dtype; the wsimil version is added); ``coords_attrs`` on ``coords``."""
     from wsimil import __version__
@@ -143,8 +153,13 @@ def write_bag(path: str | Path, features: np.ndarray, coords: np.ndarray | None 
     path = Path(path)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         ds = f.create_dataset("features", data=features)
-        meta = {"encoder": encoder or "unknown", "dtype": "float32", "wsimil_version": __version__,
-                "schema_version": SCHEMA_VERSION, **(attrs or {})}
+        meta = {
+            "encoder": encoder or "unknown",
+            "dtype": "float32",
+            "wsimil_version": __version__,
+            "schema_version": SCHEMA_VERSION,
+            **(attrs or {}),
+        }
         for k, v in meta.items():
             ds.attrs[k] = v
         if coords is not None:

@@ -106,8 +106,15 @@ class Trainer:
             history = self._fit(method, model, tr, va, std, seed, split, progress, task)
             self._save_checkpoint(ckpt_path, model, std, split, history)
 
-        pred = predict(model, [self.bags[i] for i in te], self.device, self.labels[te], std,
-                       cfg.eval_batch_size, with_instances=self.cohort.has_instance_labels)
+        pred = predict(
+            model,
+            [self.bags[i] for i in te],
+            self.device,
+            self.labels[te],
+            std,
+            cfg.eval_batch_size,
+            with_instances=self.cohort.has_instance_labels,
+        )
         metrics = classification_metrics(self.labels[te], pred.probs)
         if pred.instance_scores is not None:
             metrics["instance_auc"] = instance_auc(pred.instance_scores, [self.inst_labels[i] for i in te])
@@ -147,11 +154,15 @@ class Trainer:
                 n_steps += 1
             if sched is not None:
                 sched.step()
-            row = {"repeat": split.repeat, "fold": split.fold, "epoch": epoch,
-                   "lr": opt.param_groups[0]["lr"], **{f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()}}
+            row = {
+                "repeat": split.repeat,
+                "fold": split.fold,
+                "epoch": epoch,
+                "lr": opt.param_groups[0]["lr"],
+                **{f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()},
+            }
             if len(va):
-                pv = predict(model, [self.bags[i] for i in va], self.device, self.labels[va], std,
-                             cfg.eval_batch_size)
+                pv = predict(model, [self.bags[i] for i in va], self.device, self.labels[va], std, cfg.eval_batch_size)
                 row["val_loss"] = pv.loss
                 row["val_auc"] = classification_metrics(self.labels[va], pv.probs)["auc"]
             row["seconds"] = time.perf_counter() - t0
@@ -181,11 +192,21 @@ class Trainer:
         return bag.to(self.device, non_blocking=True)
 
     def _save_checkpoint(self, path: Path, model, std, split: Split, history: list[dict]) -> None:
-        ck = {"model": self.cfg.model, "model_kwargs": self.cfg.model_kwargs, "method": self.cfg.method,
-              "in_dim": self.cohort.in_dim, "n_classes": self.n_classes, "classes": self.cohort.manifest.classes,
-              "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-              "standardizer": std.state_dict() if std is not None else None, "config_hash": self.hash,
-              "repeat": split.repeat, "fold": split.fold, "history": history, "wsimil_version": __version__}
+        ck = {
+            "model": self.cfg.model,
+            "model_kwargs": self.cfg.model_kwargs,
+            "method": self.cfg.method,
+            "in_dim": self.cohort.in_dim,
+            "n_classes": self.n_classes,
+            "classes": self.cohort.manifest.classes,
+            "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+            "standardizer": std.state_dict() if std is not None else None,
+            "config_hash": self.hash,
+            "repeat": split.repeat,
+            "fold": split.fold,
+            "history": history,
+            "wsimil_version": __version__,
+        }
         with atomic_path(path) as tmp:
             torch.save(ck, tmp)
 
@@ -223,8 +244,11 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
     device = resolve_device(cfg.device)
     man = read_manifest(manifest, cfg.classes, cfg.label_column)
     store = FeatureStore(features)
-    splits = read_splits(cfg.splits, man) if cfg.splits else kfold_splits(
-        man, cfg.folds, cfg.repeats, cfg.val_fraction, cfg.seed)
+    splits = (
+        read_splits(cfg.splits, man)
+        if cfg.splits
+        else kfold_splits(man, cfg.folds, cfg.repeats, cfg.val_fraction, cfg.seed)
+    )
     cohort = load_cohort(man, store)
     if cfg.model_kwargs:
         try:  # fail on bad options now, not after loading and a fold of training
@@ -232,37 +256,62 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
         except WsimilError:
             raise
     out.mkdir(parents=True, exist_ok=True)
-    resolved = {**cfg.model_dump(mode="json"), "classes": man.classes, "in_dim": cohort.in_dim,
-                "features": str(Path(features).resolve()), "manifest": str(Path(manifest).resolve()),
-                "n_splits": len(splits), "wsimil_version": __version__}
+    resolved = {
+        **cfg.model_dump(mode="json"),
+        "classes": man.classes,
+        "in_dim": cohort.in_dim,
+        "features": str(Path(features).resolve()),
+        "manifest": str(Path(manifest).resolve()),
+        "n_splits": len(splits),
+        "wsimil_version": __version__,
+    }
     write_yaml(out / "config.yaml", resolved)
 
     trainer = Trainer(cfg, cohort, out, device)
     results: list[FoldResult] = []
-    console.print(f"Training [bold]{cfg.model}[/] ({cfg.method}) on {len(man.slide_ids)} slides, "
-                  f"{len(splits)} split(s), device {device} → {out}")
+    console.print(
+        f"Training [bold]{cfg.model}[/] ({cfg.method}) on {len(man.slide_ids)} slides, "
+        f"{len(splits)} split(s), device {device} → {out}"
+    )
     with make_progress() as progress:
         overall = progress.add_task("folds", total=len(splits), info="")
         for s in splits:
             task = progress.add_task(f"repeat {s.repeat} fold {s.fold}", total=cfg.epochs, info="")
             results.append(trainer.run_fold(s, progress, task))
             progress.remove_task(task)
-            progress.update(overall, advance=1,
-                            info=f"last test auc {_nan_to(results[-1].metrics['auc'], float('nan')):.3f}")
+            progress.update(
+                overall, advance=1, info=f"last test auc {_nan_to(results[-1].metrics['auc'], float('nan')):.3f}"
+            )
 
     rows = []
     for r in results:
         for sid, p in zip(r.split.test, r.probs, strict=True):
             y = int(trainer.labels[trainer.pos[sid]])
-            rows.append({"slide_id": sid, "repeat": r.split.repeat, "fold": r.split.fold, "label": man.classes[y],
-                         **{f"prob_{c}": float(v) for c, v in zip(man.classes, p, strict=True)}})
+            rows.append(
+                {
+                    "slide_id": sid,
+                    "repeat": r.split.repeat,
+                    "fold": r.split.fold,
+                    "label": man.classes[y],
+                    **{f"prob_{c}": float(v) for c, v in zip(man.classes, p, strict=True)},
+                }
+            )
     write_csv(out / "predictions.csv", pd.DataFrame(rows))
     write_csv(out / "history.csv", pd.DataFrame([h for r in results for h in r.history]))
     payload = {
         "metrics": summarize([r.metrics for r in results]),
-        "folds": [{"repeat": r.split.repeat, "fold": r.split.fold, "n_train": len(r.split.train),
-                   "n_val": len(r.split.val), "n_test": len(r.split.test), "metrics": r.metrics,
-                   **({"ci": r.ci} if r.ci else {})} for r in results],
+        "folds": [
+            {
+                "repeat": r.split.repeat,
+                "fold": r.split.fold,
+                "n_train": len(r.split.train),
+                "n_val": len(r.split.val),
+                "n_test": len(r.split.test),
+                "metrics": r.metrics,
+                **({"ci": r.ci} if r.ci else {}),
+            }
+            for r in results
+        ],
         "config": resolved,
     }
     repeats = sorted({r.split.repeat for r in results})

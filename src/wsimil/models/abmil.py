@@ -15,8 +15,16 @@ class ABMIL(MILModel):
     Shapes: ``x (B, N, D)`` → logits ``(B, C)``, attention_logits ``(B, N)`` (raw ``e``, ``-inf`` on padding).
     """
 
-    def __init__(self, in_dim: int, n_classes: int, hidden_dims=(512,), dropout: float = 0.25,
-                 attn_dim: int = 128, gated: bool = False, attn_dropout: float = 0.0):
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        hidden_dims=(512,),
+        dropout: float = 0.25,
+        attn_dim: int = 128,
+        gated: bool = False,
+        attn_dropout: float = 0.0,
+    ):
         super().__init__()
         self.proj = projection(in_dim, hidden_dims, dropout)
         width = hidden_dims[-1] if hidden_dims else in_dim
@@ -29,8 +37,7 @@ class ABMIL(MILModel):
         e = self.attention(h).squeeze(-1)  # (B, N)
         a = masked_softmax(e, m)
         z = (a.unsqueeze(1) @ h).squeeze(1)  # (B, E)
-        return MILOutput(logits=self.classifier(z), bag_embedding=z,
-                         attention_logits=e.masked_fill(~m, float("-inf")))
+        return MILOutput(logits=self.classifier(z), bag_embedding=z, attention_logits=e.masked_fill(~m, float("-inf")))
 
 
 @register_model("abmil")

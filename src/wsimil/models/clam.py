@@ -17,8 +17,9 @@ from wsimil.models.base import MILModel, MILOutput, full_mask, register_model
 from wsimil.models.layers import AttentionScore, masked_softmax, projection
 
 
-def clam_instance_loss(attention_logits: Tensor, instance_logits: Tensor, y: Tensor, mask: Tensor,
-                       k: int = 8, subtyping: bool = False) -> Tensor:
+def clam_instance_loss(
+    attention_logits: Tensor, instance_logits: Tensor, y: Tensor, mask: Tensor, k: int = 8, subtyping: bool = False
+) -> Tensor:
     """CLAM's instance clustering loss.
 
     For each bag, with ``a`` the attention of the branch of its class ``y`` (SB: the only branch): the top-``k``
@@ -64,8 +65,17 @@ class CLAM(MILModel):
 
     loss_weights = {"bag": 0.7, "instance": 0.3}
 
-    def __init__(self, in_dim: int, n_classes: int, multi_branch: bool = False, hidden_dims=(512,),
-                 dropout: float = 0.25, attn_dim: int = 256, k_sample: int = 8, subtyping: bool | None = None):
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        multi_branch: bool = False,
+        hidden_dims=(512,),
+        dropout: float = 0.25,
+        attn_dim: int = 256,
+        k_sample: int = 8,
+        subtyping: bool | None = None,
+    ):
         super().__init__()
         self.n_classes = n_classes
         self.multi_branch = multi_branch
@@ -95,14 +105,19 @@ class CLAM(MILModel):
             logits = self.classifier(z[:, 0])
             bag_embedding = z[:, 0]
             att = e[:, 0]
-        return MILOutput(logits=logits, bag_embedding=bag_embedding,
-                         attention_logits=att.masked_fill(~(m.unsqueeze(1) if att.dim() == 3 else m),
-                                                          float("-inf")),
-                         instance_logits=self.instance_classifier(h))
+        return MILOutput(
+            logits=logits,
+            bag_embedding=bag_embedding,
+            attention_logits=att.masked_fill(~(m.unsqueeze(1) if att.dim() == 3 else m), float("-inf")),
+            instance_logits=self.instance_classifier(h),
+        )
 
     def aux_losses(self, out: MILOutput, y: Tensor, mask: Tensor) -> dict[str, Tensor]:
-        return {"instance": clam_instance_loss(out.attention_logits, out.instance_logits, y, mask,
-                                               self.k_sample, self.subtyping)}
+        return {
+            "instance": clam_instance_loss(
+                out.attention_logits, out.instance_logits, y, mask, self.k_sample, self.subtyping
+            )
+        }
 
 
 @register_model("clam_sb")

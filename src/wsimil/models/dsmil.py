@@ -23,8 +23,15 @@ class DSMIL(MILModel):
 
     loss_weights = {"bag": 0.0, "bag_stream": 0.5, "max_instance": 0.5}
 
-    def __init__(self, in_dim: int, n_classes: int, hidden_dims=(512,), dropout: float = 0.25,
-                 q_dim: int = 128, v_dropout: float = 0.0):
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        hidden_dims=(512,),
+        dropout: float = 0.25,
+        q_dim: int = 128,
+        v_dropout: float = 0.0,
+    ):
         super().__init__()
         self.proj = projection(in_dim, hidden_dims, dropout)
         width = hidden_dims[-1] if hidden_dims else in_dim
@@ -48,8 +55,12 @@ class DSMIL(MILModel):
         bag = a @ self.v(h)  # (B, C, E)
         bag_logits = self.bag_classifier(bag.flatten(1))
         logits = 0.5 * (bag_logits + max_logits)
-        return MILOutput(logits=logits, bag_embedding=bag.flatten(1),
-                         attention_logits=e.masked_fill(~m.unsqueeze(1), float("-inf")), instance_logits=inst)
+        return MILOutput(
+            logits=logits,
+            bag_embedding=bag.flatten(1),
+            attention_logits=e.masked_fill(~m.unsqueeze(1), float("-inf")),
+            instance_logits=inst,
+        )
 
     def aux_losses(self, out: MILOutput, y: Tensor, mask: Tensor) -> dict[str, Tensor]:
         max_logits = out.instance_logits.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)

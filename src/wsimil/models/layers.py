@@ -8,8 +8,9 @@ import torch
 from torch import Tensor, nn
 
 
-def projection(in_dim: int, hidden_dims: Sequence[int] = (512,), dropout: float = 0.25,
-               act: str = "relu") -> nn.Sequential:
+def projection(
+    in_dim: int, hidden_dims: Sequence[int] = (512,), dropout: float = 0.25, act: str = "relu"
+) -> nn.Sequential:
     """Instance projection: ``[Linear + act + Dropout]`` per hidden width (MHIM's ``Linear(D,512)+ReLU+Dropout``)."""
     layers: list[nn.Module] = []
     d = in_dim
@@ -34,8 +35,7 @@ class AttentionScore(nn.Module):
     Input ``(B, N, E)``; output raw scores ``(B, N, H)`` for ``H`` heads (branches).
     """
 
-    def __init__(self, dim: int, attn_dim: int = 128, n_heads: int = 1, gated: bool = False,
-                 dropout: float = 0.0):
+    def __init__(self, dim: int, attn_dim: int = 128, n_heads: int = 1, gated: bool = False, dropout: float = 0.0):
         super().__init__()
         self.v = nn.Linear(dim, attn_dim)
         self.u = nn.Linear(dim, attn_dim) if gated else None

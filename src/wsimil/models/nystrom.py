@@ -32,16 +32,25 @@ def iterative_pinv(x: Tensor, iters: int = 6) -> Tensor:
 class NystromAttention(nn.Module):
     """Multi-head Nyström attention on ``x (B, L, dim)`` whose valid tokens are ``x[b, :lengths[b]]``."""
 
-    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, num_landmarks: int = 256,
-                 pinv_iterations: int = 6, residual_kernel: int = 33, dropout: float = 0.1):
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 8,
+        dim_head: int = 64,
+        num_landmarks: int = 256,
+        pinv_iterations: int = 6,
+        residual_kernel: int = 33,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.heads, self.dim_head, self.m, self.iters = heads, dim_head, num_landmarks, pinv_iterations
         inner = heads * dim_head
         self.scale = dim_head**-0.5
         self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
-        self.res_conv = nn.Conv2d(heads, heads, (residual_kernel, 1), padding=(residual_kernel // 2, 0),
-                                  groups=heads, bias=False)
+        self.res_conv = nn.Conv2d(
+            heads, heads, (residual_kernel, 1), padding=(residual_kernel // 2, 0), groups=heads, bias=False
+        )
 
     def forward(self, x: Tensor, lengths: Tensor, cls_attention: bool = False) -> tuple[Tensor, Tensor | None]:
         """Returns the output ``(B, L, dim)`` (padding rows are zero) and, if ``cls_attention``, the attention of
@@ -86,6 +95,3 @@ class NystromAttention(nn.Module):
 
 def square_side(n: Tensor) -> Tensor:
     return torch.ceil(torch.sqrt(n.to(torch.float64))).to(torch.long)
-
-
-

@@ -24,8 +24,9 @@ class TransLayer(nn.Module):
     def __init__(self, dim: int, heads: int, num_landmarks: int, dropout: float):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.attn = NystromAttention(dim, heads=heads, dim_head=dim // heads, num_landmarks=num_landmarks,
-                                     dropout=dropout)
+        self.attn = NystromAttention(
+            dim, heads=heads, dim_head=dim // heads, num_landmarks=num_landmarks, dropout=dropout
+        )
 
     def forward(self, x: Tensor, lengths: Tensor, cls_attention: bool = False) -> tuple[Tensor, Tensor | None]:
         out, cls = self.attn(self.norm(x), lengths, cls_attention)
@@ -61,8 +62,16 @@ class TransMIL(MILModel):
 
     permutation_invariant = False
 
-    def __init__(self, in_dim: int, n_classes: int, hidden_dims=(512,), dropout: float = 0.25,
-                 heads: int = 8, num_landmarks: int = 256, attn_dropout: float = 0.1):
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        hidden_dims=(512,),
+        dropout: float = 0.25,
+        heads: int = 8,
+        num_landmarks: int = 256,
+        attn_dropout: float = 0.1,
+    ):
         super().__init__()
         self.proj = projection(in_dim, hidden_dims, dropout)
         dim = hidden_dims[-1] if hidden_dims else in_dim
