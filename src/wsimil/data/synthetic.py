@@ -67,13 +67,14 @@ def write_bags(bags: list[SynthBag], out: str | Path, encoder: str = "synthetic"
 
 
 UNIT_TESTS = ("presence", "poison")
+POS_SHIFT = 5.0
 
 
 def unit_test_concepts(dim: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """The fixed concept means: positive = a moderate shift (2.5) in dimension 0; poison = a strong shift (norm 6)
+    """The fixed concept means: positive = a clear shift (POS_SHIFT) in dimension 0; poison = a strong shift (norm 6)
     spread over the other dimensions."""
     mu_pos = np.zeros(dim)
-    mu_pos[0] = 2.5
+    mu_pos[0] = POS_SHIFT
     mu_poison = np.random.default_rng(12345).normal(size=dim)
     mu_poison[0] = 0
     mu_poison *= 6.0 / np.linalg.norm(mu_poison)
