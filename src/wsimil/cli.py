@@ -21,6 +21,13 @@ convert_app = typer.Typer(no_args_is_help=True, help="Convert datasets from othe
 app.add_typer(convert_app, name="convert")
 
 
+def _default(field: str) -> str:
+    """The TrainConfig default of ``field``, for help texts (flags left unset fall back to config/defaults)."""
+    from wsimil.config import TrainConfig
+
+    return f"(default: {TrainConfig.model_fields[field].default})"
+
+
 def _user_errors(fn):
     """Print user errors without a traceback and exit with status 2."""
 
@@ -43,26 +50,34 @@ def train(
     features: Annotated[Path, typer.Option(help="Feature folder (TRIDENT features_{encoder}/ or CLAM layout).")],
     manifest: Annotated[Path, typer.Option(help="Slide manifest CSV: case_id,slide_id,label.")],
     out: Annotated[Path, typer.Option(help="Run folder to write.")],
-    model: Annotated[str | None, typer.Option(help="Aggregator (see `wsimil models`). Default abmil.")] = None,
+    model: Annotated[str | None, typer.Option(help="Aggregator (see `wsimil models`). " + _default("model"))] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config; flags override it.")] = None,
-    method: Annotated[str | None, typer.Option(help="Training method. Default supervised.")] = None,
-    folds: Annotated[int | None, typer.Option(help="k of stratified, case-grouped k-fold CV.")] = None,
-    repeats: Annotated[int | None, typer.Option(help="Repeats of k-fold CV with new shuffles.")] = None,
+    method: Annotated[str | None, typer.Option(help="Training method. " + _default("method"))] = None,
+    folds: Annotated[
+        int | None, typer.Option(help="k of stratified, case-grouped k-fold CV. " + _default("folds"))
+    ] = None,
+    repeats: Annotated[
+        int | None, typer.Option(help="Repeats of k-fold CV with new shuffles. " + _default("repeats"))
+    ] = None,
     splits: Annotated[
         Path | None,
         typer.Option(help="Fixed splits: CLAM splits_k.csv (file or folder), Patho-Bench .tsv, or CSV slide_id,split."),
     ] = None,
-    val_fraction: Annotated[float | None, typer.Option(help="Validation part of each training fold.")] = None,
-    epochs: Annotated[int | None, typer.Option()] = None,
-    lr: Annotated[float | None, typer.Option()] = None,
-    weight_decay: Annotated[float | None, typer.Option()] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Bags per mini-batch (padded with a mask).")] = None,
+    val_fraction: Annotated[
+        float | None, typer.Option(help="Validation part of each training fold. " + _default("val_fraction"))
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help=_default("epochs"))] = None,
+    lr: Annotated[float | None, typer.Option(help=_default("lr"))] = None,
+    weight_decay: Annotated[float | None, typer.Option(help=_default("weight_decay"))] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Bags per mini-batch (padded with a mask). " + _default("batch_size"))
+    ] = None,
     max_instances: Annotated[int | None, typer.Option(help="Randomly subsample bigger bags in training.")] = None,
     standardize: Annotated[
         bool | None, typer.Option("--standardize/--no-standardize", help="Standardise features on the training fold.")
     ] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
+    seed: Annotated[int | None, typer.Option(help=_default("seed"))] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ... " + _default("device"))] = None,
 ) -> None:
     """Train a MIL model with cross-validation; writes config.yaml, results.json, predictions.csv,
     history.csv and per-fold checkpoints."""

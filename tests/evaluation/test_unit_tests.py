@@ -14,5 +14,5 @@ def test_mean_pooling_fails_poison():
     assert not res["passed"] and res["auc"] < 0.5  # it learned "poison => negative"
 
 
-def test_every_model_passes_presence_sanity_check_for_abmil():
+def test_abmil_passes_presence():
     assert run_unit_test("abmil", "presence", epochs=15, n_bags=120)["passed"]
