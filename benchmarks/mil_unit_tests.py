@@ -33,15 +33,23 @@ def main() -> None:
         kw = {"hidden_dims": [64], "heads": 4, "num_landmarks": 16} if model == "transmil" else None
         for test in UNIT_TESTS:
             aucs = [run_unit_test(model, test, seed=s, model_kwargs=kw)["auc"] for s in seeds]
-            row = {"model": model, "test": test, "auc_mean": round(float(np.mean(aucs)), 3),
-                   "auc_per_seed": [round(a, 3) for a in aucs], "passed_seeds": sum(a >= 0.75 for a in aucs),
-                   "n_seeds": len(seeds)}
+            row = {
+                "model": model,
+                "test": test,
+                "auc_mean": round(float(np.mean(aucs)), 3),
+                "auc_per_seed": [round(a, 3) for a in aucs],
+                "passed_seeds": sum(a >= 0.75 for a in aucs),
+                "n_seeds": len(seeds),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    summary = {m: all(r["passed_seeds"] == r["n_seeds"] for r in rows if r["model"] == m)
-               for m in dict.fromkeys(r["model"] for r in rows)}
-    print(json.dumps({"benchmark": "mil_unit_tests", "pass_auc": 0.75, "results": rows, "passes_all": summary},
-                     indent=2))
+    summary = {
+        m: all(r["passed_seeds"] == r["n_seeds"] for r in rows if r["model"] == m)
+        for m in dict.fromkeys(r["model"] for r in rows)
+    }
+    print(
+        json.dumps({"benchmark": "mil_unit_tests", "pass_auc": 0.75, "results": rows, "passes_all": summary}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,14 @@ def main() -> None:
     # bag sizes vary ±10% around the target, as real slides do, so batching has padding to pay for
     sizes = rng.integers(int(args.instances * 0.9), int(args.instances * 1.1) + 1, args.bags)
     bags = {s: Bag(s, rng.standard_normal((n, args.dim), dtype=np.float32)) for s, n in zip(ids, sizes, strict=True)}
-    df = pd.DataFrame({"case_id": ids, "slide_id": ids, "label": [str(i % 2) for i in range(args.bags)],
-                       "y": [i % 2 for i in range(args.bags)]})
+    df = pd.DataFrame(
+        {
+            "case_id": ids,
+            "slide_id": ids,
+            "label": [str(i % 2) for i in range(args.bags)],
+            "y": [i % 2 for i in range(args.bags)],
+        }
+    )
     cohort = Cohort(Manifest(df, ["0", "1"]), bags, args.dim)
     split = Split(0, 0, ids, [], [])
     rows = []
@@ -76,8 +82,9 @@ def main() -> None:
             batches = []
             for i in range(0, args.bags, bs):
                 x, m = pad_batch([torch.from_numpy(bags[s].features).to(args.device) for s in ids[i : i + bs]])
-                batches.append((x, m, torch.tensor([j % 2 for j in range(i, min(i + bs, args.bags))],
-                                                    device=args.device)))
+                batches.append(
+                    (x, m, torch.tensor([j % 2 for j in range(i, min(i + bs, args.bags))], device=args.device))
+                )
             best_model = np.inf
             for _ in range(args.repeats + 1):
                 _sync(args.device)
@@ -90,15 +97,31 @@ def main() -> None:
                     opt.step()
                 _sync(args.device)
                 best_model = min(best_model, time.perf_counter() - t0)
-            row = {"model": model, "batch_size": bs, "bags": args.bags, "instances": args.instances, "dim": args.dim,
-                   "trainer_bags_per_s": round(args.bags / best_trainer, 3),
-                   "model_only_bags_per_s": round(args.bags / best_model, 3),
-                   "overhead_fraction": round(1 - best_model / best_trainer, 3)}
+            row = {
+                "model": model,
+                "batch_size": bs,
+                "bags": args.bags,
+                "instances": args.instances,
+                "dim": args.dim,
+                "trainer_bags_per_s": round(args.bags / best_trainer, 3),
+                "model_only_bags_per_s": round(args.bags / best_model, 3),
+                "overhead_fraction": round(1 - best_model / best_trainer, 3),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(json.dumps({"benchmark": "train_throughput", "device": args.device, "torch": torch.__version__,
-                      "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-                      "results": rows}, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "train_throughput",
+                "device": args.device,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "cpu": platform.processor() or platform.machine(),
+                "results": rows,
+            },
+            indent=2,
+        )
+    )
 
 
 def _sync(device: str) -> None:

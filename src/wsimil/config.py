@@ -50,6 +50,7 @@ class TrainConfig(BaseModel):
     seed: int = 0
     device: str = "auto"
     eval_batch_size: int = Field(8, ge=1)
+    max_memory_gb: float = Field(16.0, ge=0, description="keep bags in RAM up to this size, else read from disk")
 
     @field_validator("model")
     @classmethod

@@ -129,3 +129,17 @@ def test_config_errors(tmp_path):
     with pytest.raises(WsimilError) as e:
         load_config(p)
     assert "epochs" in str(e.value) and "foo" in str(e.value) and str(p) in str(e.value)
+
+
+def test_cohorts_beyond_the_memory_budget_stream_from_disk(digit_cohort, tmp_path):
+    from wsimil.data.manifest import load_cohort, read_manifest
+    from wsimil.features.store import FeatureStore
+
+    feats, manifest = digit_cohort
+    cohort = load_cohort(read_manifest(manifest), FeatureStore(feats), max_memory_gb=0)
+    assert not cohort.in_memory and cohort.bags["digits_0000"].features.shape[0] == 0
+    assert cohort.features("digits_0000").shape == (cohort.lengths["digits_0000"], 64)
+    fast = {**FAST, "epochs": 2, "folds": 2, "standardize": True}
+    mem = run_training(load_config(model="abmil", **fast), feats, manifest, tmp_path / "mem")
+    disk = run_training(load_config(model="abmil", **fast, max_memory_gb=0), feats, manifest, tmp_path / "disk")
+    assert mem["folds"] == disk["folds"]

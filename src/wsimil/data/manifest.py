@@ -108,20 +108,37 @@ def read_manifest(path: str | Path, classes: list[str] | None = None, label_colu
 
 @dataclass
 class Cohort:
-    """A manifest joined with its bags, loaded into memory and checked."""
+    """A manifest joined with its checked bags.
+
+    ``bags[sid]`` always carries ``instance_labels`` and ``coords``; its ``features`` are kept in memory when
+    the cohort fits in the memory budget, and are otherwise empty ``(0, D)`` placeholders read back from
+    ``store`` on demand (:meth:`features`)."""
 
     manifest: Manifest
     bags: dict[str, Bag] = field(repr=False)
     in_dim: int = 0
+    lengths: dict[str, int] = field(default_factory=dict, repr=False)
+    store: FeatureStore | None = None
+    in_memory: bool = True
 
     @property
     def has_instance_labels(self) -> bool:
         return any(b.instance_labels is not None and (b.instance_labels >= 0).any() for b in self.bags.values())
 
+    def features(self, slide_id: str) -> np.ndarray:
+        if self.in_memory or self.store is None:
+            return self.bags[slide_id].features
+        return self.store.read(slide_id).features
 
-def load_cohort(manifest: Manifest, store: FeatureStore, desc: str = "Loading feature bags") -> Cohort:
+
+def load_cohort(
+    manifest: Manifest, store: FeatureStore, desc: str = "Loading feature bags", max_memory_gb: float = 16.0
+) -> Cohort:
     """Check every slide of ``manifest`` against ``store`` (file present, readable, one feature width, finite
-    values, not empty) and load the bags. Raises one error that lists every offending slide."""
+    values, not empty) and load the bags. Raises one error that lists every offending slide.
+
+    Bags stay in memory when their float32 features total at most ``max_memory_gb``; larger cohorts are checked
+    bag by bag and read from disk when used."""
     problems: list[str] = []
     for sid in manifest.slide_ids:
         if not store.has(sid):
@@ -134,6 +151,15 @@ def load_cohort(manifest: Manifest, store: FeatureStore, desc: str = "Loading fe
 
     bags: dict[str, Bag] = {}
     dims: dict[int, list[str]] = {}
+    lengths: dict[str, int] = {}
+    total_bytes = 0
+    for sid in manifest.slide_ids:
+        try:
+            n, d = store.shape(sid)
+            total_bytes += n * d * 4
+        except WsimilError:
+            pass  # reported by the full read below
+    in_memory = total_bytes <= max_memory_gb * 2**30
     for sid in track(manifest.slide_ids, desc):
         try:
             bag = store.read(sid)
@@ -151,6 +177,9 @@ def load_cohort(manifest: Manifest, store: FeatureStore, desc: str = "Loading fe
                 f"(first at row {rows[0]}) in {store.path(sid)}"
             )
         dims.setdefault(bag.features.shape[1], []).append(sid)
+        lengths[sid] = bag.features.shape[0]
+        if not in_memory:
+            bag.features = bag.features[:0]
         bags[sid] = bag
     if len(dims) > 1:
         majority = max(dims, key=lambda d: len(dims[d]))
@@ -161,4 +190,4 @@ def load_cohort(manifest: Manifest, store: FeatureStore, desc: str = "Loading fe
     if problems:
         raise problems_error(f"feature bags in {store.dir} are invalid", problems)
     in_dim = next(iter(dims)) if dims else 0
-    return Cohort(manifest, bags, in_dim)
+    return Cohort(manifest, bags, in_dim, lengths, store, in_memory)

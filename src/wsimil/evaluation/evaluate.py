@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 import yaml
 
 from wsimil.config import resolve_device
-from wsimil.data.batching import Standardizer
+from wsimil.data.batching import BagTensors, Standardizer
 from wsimil.data.manifest import load_cohort, read_manifest
 from wsimil.errors import WsimilError
 from wsimil.evaluation.metrics import bootstrap_ci, instance_auc, nan_to_none
@@ -49,7 +48,7 @@ def evaluate_run(
             f"{cfg['in_dim']}-d features (encoder mismatch?)"
         )
     dev = resolve_device(device)
-    bags = [torch.from_numpy(cohort.bags[s].features) for s in man.slide_ids]
+    bags = BagTensors(cohort, man.slide_ids)
     y = man.labels
     has_inst = cohort.has_instance_labels
     models_out, probs_all, rows = [], [], []

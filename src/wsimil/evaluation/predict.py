@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,7 +48,8 @@ def predict(
 ) -> Predictions:
     """Run ``model`` in eval mode over ``bags`` (each ``(N_i, D)``), batching bags of similar size."""
     model.eval()
-    order = np.argsort([b.shape[0] for b in bags], kind="stable")
+    lengths = getattr(bags, "lengths", None) or [b.shape[0] for b in bags]
+    order = np.argsort(lengths, kind="stable")
     n_classes = None
     probs: list[Tensor | None] = [None] * len(bags)
     scores: list[np.ndarray | None] = [None] * len(bags)
@@ -65,7 +67,7 @@ def predict(
             probs[i] = p[j]
             logits_all[i] = out.logits[j].float().cpu()
             if s is not None:
-                scores[i] = s[j, : bags[i].shape[0]].float().cpu().numpy()
+                scores[i] = s[j, : lengths[i]].float().cpu().numpy()
     probs_np = torch.stack(probs).numpy() if bags else np.zeros((0, 0))  # type: ignore[arg-type]
     loss = float("nan")
     if labels is not None and len(bags):

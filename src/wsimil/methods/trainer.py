@@ -26,7 +26,7 @@ import torch
 
 from wsimil import __version__
 from wsimil.config import TrainConfig, resolve_device
-from wsimil.data.batching import Standardizer, epoch_order, pad_batch
+from wsimil.data.batching import BagTensors, Standardizer, epoch_order, pad_batch
 from wsimil.data.manifest import Cohort, load_cohort, read_manifest
 from wsimil.data.splits import Split, kfold_splits, read_splits
 from wsimil.errors import WsimilError
@@ -60,7 +60,7 @@ def fold_seed(seed: int, repeat: int, fold: int) -> int:
 
 
 def config_hash(cfg: TrainConfig, extra: dict) -> str:
-    keep = cfg.model_dump(exclude={"device", "bootstrap", "eval_batch_size"})
+    keep = cfg.model_dump(exclude={"device", "bootstrap", "eval_batch_size", "max_memory_gb"})
     blob = json.dumps({**keep, **extra}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -73,9 +73,7 @@ class Trainer:
         self.pos = {sid: i for i, sid in enumerate(self.ids)}
         self.labels = m.labels
         self.n_classes = len(m.classes)
-        self.bags = [torch.from_numpy(cohort.bags[sid].features) for sid in self.ids]
-        if device.startswith("cuda"):
-            self.bags = [b.pin_memory() for b in self.bags]
+        self.bags = BagTensors(cohort, self.ids, pin_memory=device.startswith("cuda"))
         self.inst_labels = [cohort.bags[sid].instance_labels for sid in self.ids]
         self.hash = config_hash(cfg, {"classes": m.classes, "in_dim": cohort.in_dim})
 
@@ -91,7 +89,7 @@ class Trainer:
         method = create_method(cfg)
         model = method.build(self.cohort.in_dim, self.n_classes).to(self.device)
         history: list[dict] = []
-        std = Standardizer.fit([self.bags[i] for i in tr]) if cfg.standardize else None
+        std = Standardizer.fit(self.bags.take(tr)) if cfg.standardize else None
 
         reused = False
         if ckpt_path.is_file():
@@ -108,7 +106,7 @@ class Trainer:
 
         pred = predict(
             model,
-            [self.bags[i] for i in te],
+            self.bags.take(te),
             self.device,
             self.labels[te],
             std,
@@ -162,7 +160,7 @@ class Trainer:
                 **{f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()},
             }
             if len(va):
-                pv = predict(model, [self.bags[i] for i in va], self.device, self.labels[va], std, cfg.eval_batch_size)
+                pv = predict(model, self.bags.take(va), self.device, self.labels[va], std, cfg.eval_batch_size)
                 row["val_loss"] = pv.loss
                 row["val_auc"] = classification_metrics(self.labels[va], pv.probs)["auc"]
             row["seconds"] = time.perf_counter() - t0
@@ -251,7 +249,7 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
         if cfg.splits
         else kfold_splits(man, cfg.folds, cfg.repeats, cfg.val_fraction, cfg.seed)
     )
-    cohort = load_cohort(man, store)
+    cohort = load_cohort(man, store, max_memory_gb=cfg.max_memory_gb)
     if cfg.model_kwargs:
         try:  # fail on bad options now, not after loading and a fold of training
             create_model(cfg.model, cohort.in_dim, len(man.classes), **cfg.model_kwargs)
