@@ -147,6 +147,58 @@ def convert_mil_csv(
 
 @app.command()
 @_user_errors
+def synth(
+    out: Annotated[Path, typer.Option(help="Cohort folder: slides/, masks/, manifest.csv.")],
+    slides: Annotated[int, typer.Option(help="Number of slides (half positive).")] = 40,
+    seed: Annotated[int, typer.Option()] = 0,
+    width: Annotated[int, typer.Option(help="Level-0 width in pixels.")] = 12288,
+    height: Annotated[int, typer.Option(help="Level-0 height in pixels.")] = 8192,
+    mpp: Annotated[float, typer.Option(help="Level-0 µm/px (0.25 = 40x scan, 0.5 = 20x scan).")] = 0.25,
+    tumor_fraction: Annotated[float, typer.Option(help="Tumour share of tissue in positive slides.")] = 0.03,
+) -> None:
+    """Write a synthetic cohort of pyramidal slides with tumour masks (for demos, tests and benchmarks)."""
+    from wsimil.progress import console
+    from wsimil.slide.synth import make_cohort
+
+    make_cohort(out, slides, seed, width, height, mpp, app_mag=int(round(10 / mpp)), tumor_fraction=tumor_fraction)
+    console.print(f"Wrote {slides} slides to {out / 'slides'} and {out / 'manifest.csv'}")
+
+
+@app.command()
+@_user_errors
+def tile(
+    slides: Annotated[str, typer.Option(help="A slide folder, a CSV with a 'path' column, or one slide file.")],
+    out: Annotated[Path, typer.Option(help="Job folder.")],
+    mag: Annotated[list[float], typer.Option(help="Magnification(s) to tile, e.g. --mag 20 --mag 5 (nested).")],
+    patch_size: Annotated[int, typer.Option(help="Patch size in pixels at each magnification.")] = 256,
+    mpp: Annotated[float | None, typer.Option(help="Level-0 µm/px for slides whose metadata lacks it.")] = None,
+    reader: Annotated[str, typer.Option(help="openslide or tiffslide.")] = "openslide",
+    workers: Annotated[int, typer.Option(help="Slides tiled in parallel.")] = 1,
+    min_tissue: Annotated[float, typer.Option(help="Least tissue share of a patch's footprint.")] = 0.1,
+    overwrite: Annotated[bool, typer.Option(help="Redo slides whose outputs are already valid.")] = False,
+) -> None:
+    """Find tissue and tile it at exact µm/px, at one or several nested magnifications with links between them.
+    Exits with status 1 if any slide failed (after finishing all others); see JOB/status.csv."""
+    from wsimil.progress import console
+    from wsimil.slide.job import TileSettings, run_tiling
+
+    settings = TileSettings(mags=list(mag), patch_size=patch_size, reader=reader, mpp=mpp, min_tissue=min_tissue)
+    table = run_tiling(slides, out, settings, workers=workers, overwrite=overwrite)
+    counts = table["status"].value_counts().to_dict()
+    console.print(
+        f"Tiled {counts.get('ok', 0)}, skipped {counts.get('skipped', 0)} (already done), "
+        f"failed {counts.get('failed', 0)} → {out}"
+    )
+    failed = table[table["status"] == "failed"]
+    for _, r in failed.iterrows():
+        console.print(f"[red]failed[/] {r['slide_id']}: {r['error']}", highlight=False, soft_wrap=True)
+    if len(failed):
+        console.print(f"Status of every slide: {out / 'status.csv'}")
+        raise typer.Exit(1)
+
+
+@app.command()
+@_user_errors
 def models() -> None:
     """List the available MIL aggregators."""
     from wsimil.models import list_models

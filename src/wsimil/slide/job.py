@@ -1,0 +1,281 @@
+"""Tiling jobs: many slides → TRIDENT-layout patch files at several magnifications, links, QC images, and a
+status table. One bad slide fails alone; re-running skips slides whose outputs validate against the settings.
+
+Layout under ``JOB``::
+
+    slides.csv                                   slide_id, path, mpp override (the job's slide list)
+    status.csv                                   slide_id, status (ok/skipped/failed), error, patches per mag
+    tiling.yaml                                  the resolved settings
+    {mag}x_{ps}px_0px_overlap/patches/{slide_id}_patches.h5    coords (N, 2) level-0 + attributes
+    links/{slide_id}_links.h5                    links_{lo}x_{hi}x (N_lo, (hi/lo)²); "links" = coarsest→finest
+    qc/{slide_id}.png                            thumbnail with tissue contours and the patch grid
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from wsimil import __version__
+from wsimil.errors import WsimilError
+from wsimil.io import atomic_path, write_csv, write_yaml
+from wsimil.slide.reader import open_slide
+from wsimil.slide.tiling import GridLevel, mag_name, nested_grids
+from wsimil.slide.tissue import TissueParams, detect_tissue, tissue_contours
+
+SCHEMA_VERSION = 1
+QC_MAX_SIDE = 1024
+SLIDE_EXTENSIONS = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu"}
+
+
+@dataclass(frozen=True)
+class SlideSpec:
+    slide_id: str
+    path: str
+    mpp: float | None = None
+
+
+@dataclass
+class TileSettings:
+    mags: list[float]
+    patch_size: int = 256
+    reader: str = "openslide"
+    mpp: float | None = None  # override for every slide (a per-slide 'mpp' column wins)
+    min_tissue: float = 0.1
+    tissue: TissueParams = field(default_factory=TissueParams)
+
+    def key(self) -> str:
+        """Hash of everything that changes the output files (not the reader backend)."""
+        d = {
+            "mags": sorted(self.mags),
+            "patch_size": self.patch_size,
+            "min_tissue": self.min_tissue,
+            "tissue": self.tissue.to_dict(),
+            "schema": SCHEMA_VERSION,
+        }
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def grid_dir_name(mag: float, patch_size: int) -> str:
+    return f"{mag_name(mag)}_{patch_size}px_0px_overlap"
+
+
+def patches_path(job: Path, mag: float, patch_size: int, slide_id: str) -> Path:
+    return Path(job) / grid_dir_name(mag, patch_size) / "patches" / f"{slide_id}_patches.h5"
+
+
+def links_path(job: Path, slide_id: str) -> Path:
+    return Path(job) / "links" / f"{slide_id}_links.h5"
+
+
+def collect_slides(spec: str | Path) -> list[SlideSpec]:
+    """Slides from a folder (every file with a slide extension), a CSV (``path`` column, optional ``slide_id``
+    and ``mpp``) or a single slide file. Slide ids must be unique."""
+    p = Path(spec)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in SLIDE_EXTENSIONS)
+        if not files:
+            raise WsimilError(f"no slides in {p} (looked for {', '.join(sorted(SLIDE_EXTENSIONS))})")
+        out = [SlideSpec(f.stem, str(f.resolve())) for f in files]
+    elif p.suffix.lower() == ".csv":
+        if not p.is_file():
+            raise WsimilError(f"slide table {p} does not exist")
+        df = pd.read_csv(p, dtype=str, keep_default_na=False)
+        if "path" not in df.columns:
+            raise WsimilError(f"slide table {p} needs a 'path' column; found {', '.join(df.columns)}")
+        out = []
+        for _, r in df.iterrows():
+            path = Path(r["path"])
+            if not path.is_absolute():
+                path = (p.parent / path).resolve()
+            mpp = float(r["mpp"]) if "mpp" in df.columns and r["mpp"].strip() else None
+            out.append(SlideSpec(r.get("slide_id") or path.stem, str(path), mpp))
+    elif p.is_file():
+        out = [SlideSpec(p.stem, str(p.resolve()))]
+    else:
+        raise WsimilError(f"--slides {p}: no such file or folder")
+    ids = pd.Series([s.slide_id for s in out])
+    dup = sorted(set(ids[ids.duplicated()]))
+    if dup:
+        raise WsimilError(f"slide ids must be unique; repeated: {', '.join(dup)} (give a slide_id column)")
+    return out
+
+
+def _grid_attrs(slide, grid: GridLevel, settings: TileSettings, others: list[str]) -> dict:
+    read_level = slide.best_level(grid.target_mpp)
+    return {
+        "patch_size": grid.patch_size,
+        "patch_size_level0": int(round(grid.patch_size_level0)),
+        "patch_size_level0_exact": float(grid.patch_size_level0),
+        "level0_magnification": float(10.0 / slide.mpp),
+        "target_magnification": float(grid.mag),
+        "overlap": 0,
+        "name": slide.slide_id,
+        "level0_width": int(slide.dimensions[0]),
+        "level0_height": int(slide.dimensions[1]),
+        "mpp_level0": float(slide.mpp),
+        "target_mpp": float(grid.target_mpp),
+        "read_level": int(read_level),
+        "read_downsample": float(slide.level_downsamples[read_level]),
+        "grid_cols": grid.grid_shape[0],
+        "grid_rows": grid.grid_shape[1],
+        "paired_grids": ",".join(others),
+        "schema_version": SCHEMA_VERSION,
+        "settings_key": settings.key(),
+        "wsimil_version": __version__,
+        "slide_path": str(slide.path),
+    }
+
+
+def outputs_valid(job: Path, slide_id: str, settings: TileSettings) -> bool:
+    """True if every output of ``slide_id`` exists and was made with the same settings."""
+    paths = [patches_path(job, m, settings.patch_size, slide_id) for m in settings.mags]
+    if len(settings.mags) > 1:
+        paths.append(links_path(job, slide_id))
+    try:
+        for p in paths:
+            with h5py.File(p, "r") as f:
+                ds = f["coords"] if "coords" in f else f[next(iter(f))]
+                if ds.attrs.get("settings_key") != settings.key():
+                    return False
+    except (OSError, KeyError, StopIteration):
+        return False
+    return True
+
+
+def tile_slide(spec: SlideSpec, job: Path, settings: TileSettings) -> dict:
+    """Tile one slide; returns its status row. Raises :class:`WsimilError` for user-facing failures."""
+    t0 = time.perf_counter()
+    mpp = spec.mpp if spec.mpp is not None else settings.mpp
+    with open_slide(spec.path, settings.reader, mpp=mpp, slide_id=spec.slide_id) as slide:
+        w0, h0 = slide.dimensions
+        max_side = int(np.ceil(max(w0, h0) * slide.mpp / settings.tissue.thumb_mpp))
+        thumb, ds = slide.thumbnail(max(64, max_side))
+        mask = detect_tissue(thumb, ds * slide.mpp, settings.tissue)
+        grids, links = nested_grids(
+            (w0, h0), slide.mpp, settings.mags, settings.patch_size, mask, ds, settings.min_tissue
+        )
+        if all(len(g.coords) == 0 for g in grids.values()):
+            raise WsimilError(
+                f"slide {spec.slide_id!r}: no tissue found ({mask.mean():.1%} of the thumbnail passed "
+                "the tissue filter, no patch reached min_tissue); check the QC image or lower "
+                "--min-tissue"
+            )
+        names = {m: grid_dir_name(m, settings.patch_size) for m in grids}
+        for m, g in grids.items():
+            attrs = _grid_attrs(slide, g, settings, [n for k, n in names.items() if k != m])
+            with atomic_path(patches_path(job, m, settings.patch_size, spec.slide_id)) as tmp, h5py.File(tmp, "w") as f:
+                d = f.create_dataset("coords", data=g.coords)
+                for k, v in attrs.items():
+                    d.attrs[k] = v
+                f.create_dataset("grid_cells", data=g.cells)
+        if links:
+            with atomic_path(links_path(job, spec.slide_id)) as tmp, h5py.File(tmp, "w") as f:
+                coarsest, finest = min(grids), max(grids)
+                for (lo, hi), lk in links.items():
+                    d = f.create_dataset(f"links_{mag_name(lo)}_{mag_name(hi)}", data=lk)
+                    d.attrs.update(
+                        {
+                            "low_grid": names[lo],
+                            "high_grid": names[hi],
+                            "factor": int(round(hi / lo)),
+                            "settings_key": settings.key(),
+                            "order": "row-major child offsets (col a, row b)"
+                            " -> index b*factor + a; -1 = no tissue patch",
+                        }
+                    )
+                    if (lo, hi) == (coarsest, finest):
+                        f["links"] = h5py.SoftLink(f"/links_{mag_name(lo)}_{mag_name(hi)}")
+        qc_thumb, qc_ds = slide.thumbnail(QC_MAX_SIDE) if max(thumb.shape[:2]) < QC_MAX_SIDE else (thumb, ds)
+        write_qc(job / "qc" / f"{spec.slide_id}.png", qc_thumb, qc_ds, mask, ds, grids)
+        row = {
+            "slide_id": spec.slide_id,
+            "path": spec.path,
+            "status": "ok",
+            "error": "",
+            "mpp": slide.mpp,
+            "width": w0,
+            "height": h0,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        row.update({f"patches_{mag_name(m)}": len(g.coords) for m, g in grids.items()})
+        return row
+
+
+def write_qc(
+    path: Path, thumb: np.ndarray, ds: float, mask: np.ndarray, mask_ds: float, grids: dict[float, GridLevel]
+) -> None:
+    """Thumbnail (``ds`` level-0 px per pixel) with tissue contours (green; the mask has ``mask_ds``) and every
+    magnification's patch outlines (finest blue, coarser orange)."""
+    import cv2
+
+    img = np.ascontiguousarray(thumb.copy())
+    colours = [(40, 90, 230), (240, 140, 20), (200, 30, 160)]
+    for i, m in enumerate(sorted(grids, reverse=True)):
+        g = grids[m]
+        s = g.patch_size_level0 / ds
+        for x, y in g.coords / ds:
+            cv2.rectangle(img, (int(x), int(y)), (int(x + s) - 1, int(y + s) - 1), colours[i % 3], 1)
+    scale = mask_ds / ds
+    contours = [np.round((c + 0.5) * scale).astype(np.int32).reshape(-1, 1, 2) for c in tissue_contours(mask)]
+    cv2.drawContours(img, contours, -1, (20, 170, 60), 2)
+    with atomic_path(path) as tmp:
+        ok, buf = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        tmp.write_bytes(buf.tobytes())
+
+
+def _run_one(spec: SlideSpec, job: Path, settings: TileSettings, overwrite: bool) -> dict:
+    if not overwrite and outputs_valid(job, spec.slide_id, settings):
+        return {"slide_id": spec.slide_id, "path": spec.path, "status": "skipped", "error": ""}
+    try:
+        return tile_slide(spec, job, settings)
+    except WsimilError as e:
+        return {"slide_id": spec.slide_id, "path": spec.path, "status": "failed", "error": str(e)}
+    except Exception as e:  # noqa: BLE001 - one bad slide must not stop the batch
+        tb = traceback.format_exception_only(type(e), e)[-1].strip()
+        return {"slide_id": spec.slide_id, "path": spec.path, "status": "failed", "error": f"unexpected: {tb}"}
+
+
+def run_tiling(
+    slides: str | Path | list[SlideSpec],
+    job: str | Path,
+    settings: TileSettings,
+    workers: int = 1,
+    overwrite: bool = False,
+) -> pd.DataFrame:
+    """Tile every slide (in ``workers`` processes); write ``slides.csv``, ``status.csv`` and ``tiling.yaml``.
+    Returns the status table; failed slides are listed there with their error."""
+    from wsimil.progress import make_progress
+
+    job = Path(job)
+    specs = collect_slides(slides) if not isinstance(slides, list) else slides
+    job.mkdir(parents=True, exist_ok=True)
+    write_csv(job / "slides.csv", pd.DataFrame([asdict(s) for s in specs]))
+    cfg = asdict(settings)
+    write_yaml(job / "tiling.yaml", {**cfg, "settings_key": settings.key(), "wsimil_version": __version__})
+    rows: dict[str, dict] = {}
+    with make_progress() as progress:
+        task = progress.add_task("Tiling slides", total=len(specs), info="")
+        if workers <= 1:
+            for s in specs:
+                rows[s.slide_id] = _run_one(s, job, settings, overwrite)
+                progress.update(task, advance=1, info=f"{s.slide_id}: {rows[s.slide_id]['status']}")
+        else:
+            with ProcessPoolExecutor(workers) as pool:
+                futures = {pool.submit(_run_one, s, job, settings, overwrite): s for s in specs}
+                for fut in as_completed(futures):
+                    s = futures[fut]
+                    rows[s.slide_id] = fut.result()
+                    progress.update(task, advance=1, info=f"{s.slide_id}: {rows[s.slide_id]['status']}")
+    table = pd.DataFrame([rows[s.slide_id] for s in specs])
+    write_csv(job / "status.csv", table)
+    return table

@@ -1,0 +1,239 @@
+"""Slide readers behind one interface, with an explicit backend: OpenSlide (default) or tiffslide.
+
+All positions are level-0 pixels ``(x, y)``; reads return RGB ``uint8`` arrays ``(h, w, 3)`` with transparent
+(empty) areas composited on white. The level-0 resolution (µm/px) comes from, in order: the ``mpp`` override,
+the backend's normalised property (``openslide.mpp-x`` / ``tiffslide.mpp-x``), the Aperio description
+(``MPP = …``), and the TIFF resolution tags.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from wsimil.errors import WsimilError
+
+MPP_RANGE = (0.05, 100.0)
+
+
+class SlideReader(ABC):
+    """A pyramidal slide. Subclasses set ``level_dimensions`` and ``level_downsamples`` and implement
+    :meth:`_read` and :meth:`properties`."""
+
+    backend = "abstract"
+
+    def __init__(self, path: str | Path, mpp: float | None = None, slide_id: str | None = None):
+        self.path = Path(path)
+        self.slide_id = slide_id or self.path.stem
+        if not self.path.is_file():
+            raise WsimilError(f"slide {self.slide_id!r}: file {self.path} does not exist")
+        self._open()
+        self.mpp = self._resolve_mpp(mpp)
+
+    # -- backend hooks
+    @abstractmethod
+    def _open(self) -> None: ...
+
+    @abstractmethod
+    def _read(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray: ...
+
+    @property
+    @abstractmethod
+    def properties(self) -> dict[str, str]: ...
+
+    level_dimensions: list[tuple[int, int]]
+    level_downsamples: list[float]
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    # -- common API
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp * self.level_downsamples[level]
+
+    def best_level(self, target_mpp: float) -> int:
+        """The coarsest level whose resolution is at least the target's (``mpp_level ≤ target``), so a read
+        only ever downsamples. Falls back to level 0 when even level 0 is coarser than the target."""
+        best = 0
+        for lvl in range(self.level_count):
+            if self.level_mpp(lvl) <= target_mpp * (1 + 1e-3):
+                best = lvl
+        return best
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """RGB ``(h, w, 3)`` uint8 of ``size = (w, h)`` pixels at ``level``, top-left at level-0 ``location``."""
+        if not 0 <= level < self.level_count:
+            raise ValueError(f"level {level} out of range for slide {self.slide_id!r} ({self.level_count} levels)")
+        return self._read(int(location[0]), int(location[1]), level, int(size[0]), int(size[1]))
+
+    def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
+        """An RGB thumbnail whose longer side is at most ``max_side``; returns ``(image, downsample)`` where
+        ``downsample`` is level-0 pixels per thumbnail pixel."""
+        from PIL import Image
+
+        w0, h0 = self.dimensions
+        ds = max(w0, h0) / max_side if max(w0, h0) > max_side else 1.0
+        level = 0
+        for lvl in range(self.level_count):
+            if self.level_downsamples[lvl] <= ds * (1 + 1e-3):
+                level = lvl
+        lw, lh = self.level_dimensions[level]
+        img = self._read(0, 0, level, lw, lh)
+        tw, th = max(1, round(w0 / ds)), max(1, round(h0 / ds))
+        if (lw, lh) != (tw, th):
+            img = np.asarray(Image.fromarray(img).resize((tw, th), Image.Resampling.BOX))
+        return img, w0 / tw
+
+    def __enter__(self) -> SlideReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({str(self.path)!r}, {self.dimensions[0]}x{self.dimensions[1]}, "
+            f"{self.level_count} levels, mpp={self.mpp:.4g})"
+        )
+
+    # -- metadata
+    def _resolve_mpp(self, override: float | None) -> float:
+        if override is not None:
+            return _check_mpp(float(override), self, "the --mpp override")
+        mpp = mpp_from_properties(self.properties, self.backend)
+        if mpp is None:
+            raise WsimilError(
+                f"slide {self.slide_id!r} ({self.path}) has no microns-per-pixel in its metadata (no "
+                f"{self.backend}.mpp-x, Aperio MPP or TIFF resolution); pass the level-0 resolution with "
+                "--mpp (e.g. --mpp 0.25 for 40x, 0.5 for 20x) or an 'mpp' column in the slide table"
+            )
+        return _check_mpp(mpp, self, "its metadata")
+
+
+def _check_mpp(mpp: float, slide: SlideReader, source: str) -> float:
+    if not (MPP_RANGE[0] <= mpp <= MPP_RANGE[1]) or math.isnan(mpp):
+        raise WsimilError(
+            f"slide {slide.slide_id!r}: microns-per-pixel {mpp} from {source} is outside "
+            f"{MPP_RANGE[0]}–{MPP_RANGE[1]} µm/px; pass the right value with --mpp"
+        )
+    return mpp
+
+
+def mpp_from_properties(props: dict[str, str], backend: str = "openslide") -> float | None:
+    """Level-0 µm/px from slide properties, or ``None``."""
+    for key in (f"{backend}.mpp-x", "openslide.mpp-x", "tiffslide.mpp-x", "aperio.MPP"):
+        v = _float(props.get(key))
+        if v:
+            return v
+    desc = props.get("tiff.ImageDescription", "")
+    for part in desc.split("|"):
+        k, _, v = part.partition("=")
+        if k.strip() == "MPP" and _float(v):
+            return _float(v)
+    res, unit = _float(props.get("tiff.XResolution")), props.get("tiff.ResolutionUnit", "").lower()
+    if res:
+        if unit in ("centimeter", "3"):
+            return 1e4 / res
+        if unit in ("inch", "2") and res > 1000:  # a plain 72/96/300 dpi tag is a screen default, not a scan
+            return 25400 / res
+    return None
+
+
+def _float(v) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if f > 0 and math.isfinite(f) else None
+
+
+def _rgba_to_rgb(a: np.ndarray) -> np.ndarray:
+    """Composite RGBA (OpenSlide's premultiplied output) on white."""
+    if a.shape[-1] == 3:
+        return a
+    rgb = a[..., :3].astype(np.uint16)
+    alpha = a[..., 3:4].astype(np.uint16)
+    return (rgb + (255 - alpha)).clip(0, 255).astype(np.uint8)
+
+
+class OpenSlideReader(SlideReader):
+    """OpenSlide via ``openslide-python`` (with the ``openslide-bin`` library)."""
+
+    backend = "openslide"
+
+    def _open(self) -> None:
+        import openslide
+
+        try:
+            self._s = openslide.OpenSlide(str(self.path))
+        except Exception as e:  # noqa: BLE001 - OpenSlideUnsupportedFormatError, OpenSlideError, OSError
+            raise WsimilError(f"slide {self.slide_id!r}: OpenSlide cannot open {self.path}: {e}") from e
+        self.level_dimensions = [tuple(d) for d in self._s.level_dimensions]
+        self.level_downsamples = [float(d) for d in self._s.level_downsamples]
+
+    @property
+    def properties(self) -> dict[str, str]:
+        return dict(self._s.properties)
+
+    def _read(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+        try:
+            img = self._s.read_region((x, y), level, (w, h))
+        except Exception as e:  # noqa: BLE001
+            raise WsimilError(f"slide {self.slide_id!r}: read at ({x}, {y}) level {level} failed: {e}") from e
+        return _rgba_to_rgb(np.asarray(img))
+
+    def close(self) -> None:
+        self._s.close()
+
+
+class TiffSlideReader(SlideReader):
+    """tiffslide (pure Python on tifffile)."""
+
+    backend = "tiffslide"
+
+    def _open(self) -> None:
+        import tiffslide
+
+        try:
+            self._s = tiffslide.TiffSlide(str(self.path))
+        except Exception as e:  # noqa: BLE001
+            raise WsimilError(f"slide {self.slide_id!r}: tiffslide cannot open {self.path}: {e}") from e
+        self.level_dimensions = [tuple(d) for d in self._s.level_dimensions]
+        self.level_downsamples = [float(d) for d in self._s.level_downsamples]
+
+    @property
+    def properties(self) -> dict[str, str]:
+        return {k: str(v) for k, v in self._s.properties.items() if v is not None}
+
+    def _read(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+        try:
+            img = self._s.read_region((x, y), level, (w, h), as_array=True)
+        except Exception as e:  # noqa: BLE001
+            raise WsimilError(f"slide {self.slide_id!r}: read at ({x}, {y}) level {level} failed: {e}") from e
+        return _rgba_to_rgb(np.asarray(img))
+
+    def close(self) -> None:
+        self._s.close()
+
+
+READERS: dict[str, type[SlideReader]] = {"openslide": OpenSlideReader, "tiffslide": TiffSlideReader}
+
+
+def open_slide(
+    path: str | Path, backend: str = "openslide", mpp: float | None = None, slide_id: str | None = None
+) -> SlideReader:
+    """Open a slide with the named backend (``openslide`` or ``tiffslide``)."""
+    if backend not in READERS:
+        raise WsimilError(f"unknown slide reader {backend!r}; choose from {', '.join(READERS)}")
+    return READERS[backend](path, mpp=mpp, slide_id=slide_id)

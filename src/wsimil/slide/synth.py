@@ -1,0 +1,276 @@
+"""Synthetic whole-slide images: pyramidal TIFFs that OpenSlide and tiffslide both read, with ground truth.
+
+Each slide is tissue (pink stroma with purple nuclei) on a white background, written Aperio-style (level 0 tiled
+JPEG with an Aperio ImageDescription carrying ``AppMag`` and ``MPP``, an untiled thumbnail page, then tiled
+reduced levels at 4× and 16×). Positive slides hold a few small tumour foci (``tumor_fraction`` of the tissue).
+Their evidence is fine nuclear detail: tumour nuclei have the same mean colour and nearly the same size as normal
+ones but a coarse chromatin texture with a period of ~1 µm and a nucleolus, clear at 20× (0.5 µm/px) and averaged
+away at 5× (2 µm/px), where only a faint difference in nuclear density remains.
+
+Outputs of :func:`make_cohort`: ``DIR/slides/{slide_id}.svs``, ``DIR/masks/{slide_id}_tumor.png`` (tumour mask at
+``MASK_DOWNSAMPLE`` level-0 px per mask px) and ``DIR/manifest.csv`` (``case_id,slide_id,label,path``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from wsimil.io import atomic_path, write_csv, write_json
+from wsimil.progress import track
+
+MASK_DOWNSAMPLE = 16
+BACKGROUND = np.array([243, 242, 245], dtype=np.float32)
+STROMA = np.array([232, 178, 208], dtype=np.float32)
+NUCLEUS = np.array([92, 58, 140], dtype=np.float32)
+
+
+@dataclass
+class SynthSlide:
+    slide_id: str
+    label: int
+    path: Path
+    mask_path: Path
+    tumor_fraction: float  # of tissue area
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    f = gaussian_filter(rng.standard_normal(shape), sigma, mode="reflect")
+    return (f - f.mean()) / (f.std() + 1e-8)
+
+
+def _tissue_mask(rng, mh: int, mw: int) -> np.ndarray:
+    """A blobby tissue region covering roughly half of the slide, away from the borders."""
+    yy, xx = np.mgrid[0:mh, 0:mw]
+    ellipse = ((xx - mw / 2) / (0.42 * mw)) ** 2 + ((yy - mh / 2) / (0.40 * mh)) ** 2
+    field = _smooth_field(rng, (mh, mw), sigma=max(mh, mw) / 14) - 1.6 * ellipse
+    return field > np.quantile(field, 0.55)
+
+
+def _tumor_mask(rng, tissue: np.ndarray, fraction: float, n_foci: int) -> np.ndarray:
+    """``n_foci`` round foci inside the tissue whose union covers about ``fraction`` of the tissue area."""
+    mh, mw = tissue.shape
+    ys, xs = np.nonzero(tissue)
+    area = fraction * tissue.sum() / n_foci
+    r = max(1.5, np.sqrt(area / np.pi))
+    yy, xx = np.mgrid[0:mh, 0:mw]
+    mask = np.zeros_like(tissue)
+    for _ in range(n_foci):
+        i = rng.integers(len(ys))
+        mask |= (yy - ys[i]) ** 2 + (xx - xs[i]) ** 2 <= r * r
+    return mask & tissue
+
+
+def _sprites(rng, n: int, tumor: bool, px_per_um: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Nucleus stamps ``(alpha (s, s), colour (s, s, 3))``. Normal: smooth, evenly stained. Tumour: same mean
+    colour, slightly larger, with a chromatin checker texture of period ~1 µm and a dark nucleolus."""
+    out = []
+    for _ in range(n):
+        r_um = rng.uniform(3.2, 4.2) if tumor else rng.uniform(2.8, 3.6)
+        ecc = rng.uniform(0.75, 1.0)
+        r = r_um * px_per_um
+        s = int(np.ceil(2 * r + 4))
+        yy, xx = np.mgrid[0:s, 0:s] - (s - 1) / 2
+        th = rng.uniform(0, np.pi)
+        u = xx * np.cos(th) + yy * np.sin(th)
+        v = (-xx * np.sin(th) + yy * np.cos(th)) / ecc
+        d = np.sqrt(u * u + v * v) / r
+        alpha = np.clip((1.0 - d) * r / 1.5, 0, 1) * 0.92
+        shade = 1.0 + 0.06 * rng.standard_normal()
+        colour = np.broadcast_to(NUCLEUS * shade, (s, s, 3)).copy()
+        if tumor:
+            period = max(2.0, 1.0 * px_per_um)  # ~1 µm: resolved at 0.5 µm/px, gone at 2 µm/px
+            phase = rng.uniform(0, 2 * np.pi, 2)
+            tex = np.sign(np.sin(2 * np.pi * xx / period + phase[0]) * np.sin(2 * np.pi * yy / period + phase[1]))
+            colour = colour * (1.0 + 0.42 * tex[..., None])
+            cy, cx = rng.uniform(-0.3, 0.3, 2) * r
+            nucleolus = (yy - cy) ** 2 + (xx - cx) ** 2 <= (0.22 * r) ** 2
+            colour[nucleolus] = NUCLEUS * 0.45
+        out.append((alpha.astype(np.float32), np.clip(colour, 0, 255).astype(np.float32)))
+    return out
+
+
+def render_slide(
+    seed: int,
+    width: int,
+    height: int,
+    mpp: float = 0.25,
+    positive: bool = False,
+    tumor_fraction: float = 0.03,
+    n_foci: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Render level 0 ``(H, W, 3)`` uint8 and return it with the tissue and tumour masks at ``MASK_DOWNSAMPLE``."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    mh, mw = -(-height // MASK_DOWNSAMPLE), -(-width // MASK_DOWNSAMPLE)
+    tissue = _tissue_mask(rng, mh, mw)
+    tumor = np.zeros_like(tissue)
+    if positive:
+        tumor = _tumor_mask(rng, tissue, tumor_fraction, n_foci or int(rng.integers(1, 4)))
+
+    # smooth tissue edge and stroma texture at level 0 from low-resolution fields
+    edge = cv2.resize(
+        cv2.GaussianBlur(tissue.astype(np.float32), (5, 5), 1.0), (width, height), interpolation=cv2.INTER_LINEAR
+    )
+    tex = cv2.resize(
+        _smooth_field(rng, (mh * 2, mw * 2), 1.5).astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR
+    )
+    a = np.clip((edge - 0.35) * 4, 0, 1)[..., None]
+    stroma = STROMA * (1 + 0.035 * tex[..., None])
+    img = BACKGROUND * (1 - a) + stroma * a
+    img += rng.normal(0, 2.0, (height, width, 1)).astype(np.float32)
+
+    px_per_um = 1.0 / mpp
+    normal_sprites = _sprites(rng, 48, False, px_per_um)
+    tumor_sprites = _sprites(rng, 48, True, px_per_um)
+    spacing_um = 11.0  # mean distance between nuclei in stroma; tumour foci are a little denser
+    area_um2 = width * height * mpp * mpp
+    n = rng.poisson(area_um2 / spacing_um**2)
+    pts = rng.uniform(0, 1, (n, 2)) * (width, height)
+    extra = []
+    if positive:  # +25% nuclei inside tumour foci: the faint cue that survives at low magnification
+        ty, tx = np.nonzero(tumor)
+        if len(ty):
+            k = rng.poisson(0.25 * len(ty) * (MASK_DOWNSAMPLE * mpp) ** 2 / spacing_um**2)
+            j = rng.integers(len(ty), size=k)
+            extra = np.stack(
+                [(tx[j] + rng.uniform(0, 1, k)) * MASK_DOWNSAMPLE, (ty[j] + rng.uniform(0, 1, k)) * MASK_DOWNSAMPLE], 1
+            )
+    if len(extra):
+        pts = np.concatenate([pts, extra])
+    for x, y in pts:
+        mx, my = int(x) // MASK_DOWNSAMPLE, int(y) // MASK_DOWNSAMPLE
+        if not tissue[min(my, mh - 1), min(mx, mw - 1)]:
+            continue
+        is_tumor = positive and tumor[min(my, mh - 1), min(mx, mw - 1)]
+        alpha, colour = (tumor_sprites if is_tumor else normal_sprites)[rng.integers(48)]
+        s = alpha.shape[0]
+        x0, y0 = int(x) - s // 2, int(y) - s // 2
+        xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + s, width), min(y0 + s, height)
+        if xa >= xb or ya >= yb:
+            continue
+        al = alpha[ya - y0 : yb - y0, xa - x0 : xb - x0, None]
+        region = img[ya:yb, xa:xb]
+        region *= 1 - al
+        region += al * colour[ya - y0 : yb - y0, xa - x0 : xb - x0]
+    return np.clip(img, 0, 255).astype(np.uint8), tissue, tumor
+
+
+def write_aperio_tiff(
+    path: str | Path,
+    img: np.ndarray,
+    mpp: float = 0.25,
+    app_mag: int = 40,
+    downsamples: tuple[int, ...] = (4, 16),
+    tile: int = 256,
+    quality: int = 80,
+    aperio: bool = True,
+) -> Path:
+    """Write an Aperio-like pyramid (see FORMATS.md) atomically. With ``aperio=False``: a generic tiled TIFF
+    whose reduced levels carry ``subfiletype=1`` and whose resolution is in CENTIMETER (or none if ``mpp`` is
+    ``None``)."""
+    import cv2
+    import tifffile
+
+    h, w = img.shape[:2]
+    levels = [img] + [
+        cv2.resize(img, (max(1, w // d), max(1, h // d)), interpolation=cv2.INTER_AREA)
+        for d in downsamples
+        if min(w // d, h // d) >= 64
+    ]
+    jpeg = {"compression": "jpeg", "compressionargs": {"level": quality}, "photometric": "rgb", "metadata": None}
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=False) as tw:
+        if aperio:
+            desc = (
+                f"Aperio Image Library v10.0.0\n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) JPEG/RGB Q={quality}"
+                f"|AppMag = {app_mag}|MPP = {mpp}"
+            )
+            tw.write(levels[0], tile=(tile, tile), description=desc, **jpeg)
+            thumb_ds = max(w, h) / 768
+            thumb = cv2.resize(
+                img, (max(1, int(w / thumb_ds)), max(1, int(h / thumb_ds))), interpolation=cv2.INTER_AREA
+            )
+            tw.write(thumb, description="Aperio Image Library v10.0.0\nthumbnail", **jpeg)
+            for lvl in levels[1:]:
+                tw.write(lvl, tile=(tile, tile), description="Aperio Image Library v10.0.0\n", **jpeg)
+        else:
+            res = {} if mpp is None else {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+            tw.write(levels[0], tile=(tile, tile), **jpeg, **res)
+            for i, lvl in enumerate(levels[1:]):
+                r = (
+                    {}
+                    if mpp is None
+                    else {"resolution": (1e4 / (mpp * downsamples[i]),) * 2, "resolutionunit": "CENTIMETER"}
+                )
+                tw.write(lvl, tile=(tile, tile), subfiletype=1, **jpeg, **r)
+    return Path(path)
+
+
+def make_cohort(
+    out: str | Path,
+    n_slides: int = 40,
+    seed: int = 0,
+    width: int = 12288,
+    height: int = 8192,
+    mpp: float = 0.25,
+    app_mag: int = 40,
+    tumor_fraction: float = 0.03,
+    pos_fraction: float = 0.5,
+) -> list[SynthSlide]:
+    """Write a synthetic cohort (half positive by default) and its manifest; returns the slides."""
+    from PIL import Image
+
+    out = Path(out)
+    slides = []
+    n_pos = int(round(n_slides * pos_fraction))
+    labels = np.random.default_rng(seed).permutation([1] * n_pos + [0] * (n_slides - n_pos))
+    for i in track(range(n_slides), "Synthesising slides"):
+        sid = f"synth_{i:04d}"
+        img, tissue, tumor = render_slide(
+            int(np.random.SeedSequence([seed, i]).generate_state(1)[0]),
+            width,
+            height,
+            mpp,
+            bool(labels[i]),
+            tumor_fraction,
+        )
+        path = write_aperio_tiff(out / "slides" / f"{sid}.svs", img, mpp, app_mag)
+        mask_path = out / "masks" / f"{sid}_tumor.png"
+        with atomic_path(mask_path) as tmp:
+            Image.fromarray((tumor * 255).astype(np.uint8)).save(tmp, format="PNG")
+        slides.append(SynthSlide(sid, int(labels[i]), path, mask_path, float(tumor.sum() / max(tissue.sum(), 1))))
+    write_csv(
+        out / "manifest.csv",
+        pd.DataFrame(
+            [
+                {
+                    "case_id": s.slide_id,
+                    "slide_id": s.slide_id,
+                    "label": s.label,
+                    "path": str(s.path.resolve()),
+                    "tumor_mask": str(s.mask_path.resolve()),
+                }
+                for s in slides
+            ]
+        ),
+    )
+    write_json(
+        out / "cohort.json",
+        {
+            "n_slides": n_slides,
+            "seed": seed,
+            "width": width,
+            "height": height,
+            "mpp": mpp,
+            "app_mag": app_mag,
+            "tumor_fraction": tumor_fraction,
+            "mask_downsample": MASK_DOWNSAMPLE,
+        },
+    )
+    return slides

@@ -1,0 +1,104 @@
+"""Patch grids at exact µm/px, nested across magnifications, with the links between them.
+
+Magnification ``m`` means ``10/m`` µm/px (20× = 0.5, 5× = 2.0). A patch of ``ps`` pixels at ``m`` covers
+``ps · (10/m) / mpp0`` level-0 pixels (not rounded). The finest magnification defines the base grid with step
+``s``; a coarser magnification ``m_lo`` uses step ``f·s`` with ``f = m_hi/m_lo`` (an integer) from the same
+origin, so each of its cells holds exactly ``f²`` base cells and shares its top-left with the first of them.
+Coordinates are level-0 top-left corners, rounded to integers. A cell becomes a patch when at least
+``min_tissue`` of its footprint is tissue.
+
+``links[r, b·f + a]`` is the index (in the high-magnification patch list) of the child cell at column offset
+``a`` and row offset ``b`` of low-magnification patch ``r``, or −1 when that cell is not a tissue patch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def mag_to_mpp(mag: float) -> float:
+    return 10.0 / mag
+
+
+def mag_name(mag: float) -> str:
+    return f"{mag:g}x"
+
+
+@dataclass
+class GridLevel:
+    mag: float
+    patch_size: int
+    patch_size_level0: float  # exact footprint in level-0 px
+    coords: np.ndarray  # (N, 2) int64 level-0 (x, y) of tissue patches, row-major
+    cells: np.ndarray  # (N, 2) int64 (col, row) grid index of each patch
+    grid_shape: tuple[int, int]  # (cols, rows)
+
+    @property
+    def target_mpp(self) -> float:
+        return mag_to_mpp(self.mag)
+
+
+def _tissue_fraction(integral: np.ndarray, x0: np.ndarray, y0: np.ndarray, size: float) -> np.ndarray:
+    """Mean of the mask over axis-aligned squares (mask-pixel coordinates, float), via its integral image."""
+    h, w = integral.shape[0] - 1, integral.shape[1] - 1
+    xa = np.clip(np.floor(x0).astype(int), 0, w)
+    ya = np.clip(np.floor(y0).astype(int), 0, h)
+    xb = np.clip(np.ceil(x0 + size).astype(int), 0, w)
+    yb = np.clip(np.ceil(y0 + size).astype(int), 0, h)
+    s = integral[yb, xb] - integral[ya, xb] - integral[yb, xa] + integral[ya, xa]
+    area = np.maximum((xb - xa) * (yb - ya), 1)
+    return s / area
+
+
+def nested_grids(
+    dimensions: tuple[int, int],
+    mpp0: float,
+    mags: list[float],
+    patch_size: int,
+    mask: np.ndarray,
+    mask_downsample: float,
+    min_tissue: float = 0.1,
+) -> tuple[dict[float, GridLevel], dict[tuple[float, float], np.ndarray]]:
+    """Tissue patches of every magnification on nested grids, and the links from each coarser magnification to
+    the finest one. ``mask`` is a tissue mask where one pixel spans ``mask_downsample`` level-0 pixels."""
+    mags = sorted({float(m) for m in mags}, reverse=True)
+    hi = mags[0]
+    for m in mags[1:]:
+        f = hi / m
+        if abs(f - round(f)) > 1e-9:
+            raise ValueError(f"magnifications must nest: {hi:g}x / {m:g}x = {f:g} is not an integer")
+    w0, h0 = dimensions
+    step_hi = patch_size * mag_to_mpp(hi) / mpp0
+    integral = np.pad(mask.astype(np.int64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    grids: dict[float, GridLevel] = {}
+    cell_index: dict[float, np.ndarray] = {}
+    for m in mags:
+        f = int(round(hi / m))
+        step = step_hi * f
+        cols, rows = int(np.floor(w0 / step + 1e-9)), int(np.floor(h0 / step + 1e-9))
+        jj, ii = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")  # row-major order
+        ii, jj = ii.ravel(), jj.ravel()
+        x, y = ii * step, jj * step
+        frac = _tissue_fraction(integral, x / mask_downsample, y / mask_downsample, step / mask_downsample)
+        keep = frac >= min_tissue
+        coords = np.stack([np.round(x[keep]), np.round(y[keep])], 1).astype(np.int64)
+        cells = np.stack([ii[keep], jj[keep]], 1).astype(np.int64)
+        grids[m] = GridLevel(m, patch_size, step, coords, cells, (cols, rows))
+        index = np.full((rows, cols), -1, dtype=np.int64)
+        index[cells[:, 1], cells[:, 0]] = np.arange(len(cells))
+        cell_index[m] = index
+    links: dict[tuple[float, float], np.ndarray] = {}
+    hi_index = cell_index[hi]
+    for m in mags[1:]:
+        f = int(round(hi / m))
+        lo = grids[m]
+        a, b = np.meshgrid(np.arange(f), np.arange(f), indexing="xy")  # a: column offset, b: row offset
+        ci = lo.cells[:, 0, None] * f + a.ravel()[None, :]
+        rj = lo.cells[:, 1, None] * f + b.ravel()[None, :]
+        inside = (ci < hi_index.shape[1]) & (rj < hi_index.shape[0])
+        lk = np.full(ci.shape, -1, dtype=np.int64)
+        lk[inside] = hi_index[rj[inside], ci[inside]]
+        links[(m, hi)] = lk
+    return grids, links

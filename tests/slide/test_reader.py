@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+
+from tests.conftest import shared_data
+from wsimil.errors import WsimilError
+from wsimil.slide import open_slide
+from wsimil.slide.reader import mpp_from_properties
+
+BACKENDS = ["openslide", "tiffslide"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_aperio_pyramid_opens_in_both_readers(slide_dir, backend):
+    with open_slide(slide_dir / "s40.svs", backend) as s:
+        assert s.dimensions == (4096, 3072)
+        assert s.level_downsamples == [1.0, 4.0, 16.0]
+        assert s.mpp == pytest.approx(0.25)
+        assert s.best_level(0.5) == 0 and s.best_level(2.0) == 1 and s.best_level(4.0) == 2
+        assert s.best_level(0.1) == 0  # never upsample past level 0
+        region = s.read_region((1024, 512), 1, (64, 32))
+        assert region.shape == (32, 64, 3) and region.dtype == np.uint8
+
+
+def test_both_readers_return_the_same_pixels(slide_dir, rendered):
+    a = open_slide(slide_dir / "s40.svs", "openslide").read_region((1000, 800), 0, (300, 200))
+    b = open_slide(slide_dir / "s40.svs", "tiffslide").read_region((1000, 800), 0, (300, 200))
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 1.0
+    assert np.abs(a.astype(int) - rendered[0][800:1000, 1000:1300].astype(int)).mean() < 6  # JPEG Q80
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mpp_sources(slide_dir, backend):
+    assert open_slide(slide_dir / "s20.svs", backend).mpp == pytest.approx(0.5)
+    assert open_slide(slide_dir / "generic.tif", backend).mpp == pytest.approx(0.25)
+    with pytest.raises(WsimilError) as e:
+        open_slide(slide_dir / "nompp.tif", backend)
+    assert "slide 'nompp'" in str(e.value) and "--mpp" in str(e.value)
+    assert open_slide(slide_dir / "nompp.tif", backend, mpp=0.25).mpp == 0.25
+    with pytest.raises(WsimilError, match="outside"):
+        open_slide(slide_dir / "nompp.tif", backend, mpp=1000)
+
+
+def test_mpp_from_properties_fallbacks():
+    assert mpp_from_properties({"aperio.MPP": "0.2527"}) == pytest.approx(0.2527)
+    assert mpp_from_properties({"tiff.ImageDescription": "Aperio|AppMag = 40|MPP = 0.26"}) == pytest.approx(0.26)
+    assert mpp_from_properties({"tiff.XResolution": "40000", "tiff.ResolutionUnit": "centimeter"}) == 0.25
+    assert mpp_from_properties({"tiff.XResolution": "72", "tiff.ResolutionUnit": "inch"}) is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_files_fail_clearly(slide_dir, tmp_path, backend):
+    with pytest.raises(WsimilError, match="slide 'truncated'"):
+        s = open_slide(slide_dir / "truncated.svs", backend)
+        s.read_region((0, 0), 0, (4096, 3072))
+    with pytest.raises(WsimilError, match="does not exist"):
+        open_slide(tmp_path / "missing.svs", backend)
+    with pytest.raises(WsimilError, match="unknown slide reader"):
+        open_slide(slide_dir / "s40.svs", "bioformats")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_real_svs(backend):
+    path = shared_data("slides", "cmu_small_region.svs")
+    with open_slide(path, backend) as s:
+        assert s.dimensions == (2220, 2967) and s.mpp == pytest.approx(0.499)
+        thumb, ds = s.thumbnail(512)
+        assert max(thumb.shape[:2]) == 512 and ds == pytest.approx(2967 / 512, rel=1e-3)
+        assert thumb.mean() < 240  # there is tissue, not a blank page
