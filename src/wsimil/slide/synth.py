@@ -114,17 +114,23 @@ def render_slide(
     if positive:
         tumor = _tumor_mask(rng, tissue, tumor_fraction, n_foci or int(rng.integers(1, 4)))
 
-    # smooth tissue edge and stroma texture at level 0 from low-resolution fields
-    edge = cv2.resize(
-        cv2.GaussianBlur(tissue.astype(np.float32), (5, 5), 1.0), (width, height), interpolation=cv2.INTER_LINEAR
-    )
-    tex = cv2.resize(
-        _smooth_field(rng, (mh * 2, mw * 2), 1.5).astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR
-    )
-    a = np.clip((edge - 0.35) * 4, 0, 1)[..., None]
-    stroma = STROMA * (1 + 0.035 * tex[..., None])
-    img = BACKGROUND * (1 - a) + stroma * a
-    img += rng.normal(0, 2.0, (height, width, 1)).astype(np.float32)
+    # smooth tissue edge and stroma texture at level 0 from low-resolution fields, built strip by strip in
+    # uint8 so a large slide never needs full-size float buffers
+    edge_lo = cv2.GaussianBlur(tissue.astype(np.float32), (5, 5), 1.0)
+    tex_lo = _smooth_field(rng, (mh * 2, mw * 2), 1.5).astype(np.float32)
+    alpha8 = cv2.resize(np.clip((edge_lo - 0.35) * 4, 0, 1) * 255, (width, height),
+                        interpolation=cv2.INTER_LINEAR).astype(np.uint8)
+    tex8 = cv2.resize(np.clip(tex_lo * 40 + 128, 0, 255), (width, height),
+                      interpolation=cv2.INTER_LINEAR).astype(np.uint8)
+    img = np.empty((height, width, 3), dtype=np.uint8)
+    for y0 in range(0, height, 512):
+        y1 = min(y0 + 512, height)
+        a = alpha8[y0:y1, :, None].astype(np.float32) / 255
+        t = (tex8[y0:y1, :, None].astype(np.float32) - 128) / 40
+        strip = BACKGROUND * (1 - a) + STROMA * (1 + 0.035 * t) * a
+        strip += rng.standard_normal((y1 - y0, width, 1), dtype=np.float32) * 2.0
+        img[y0:y1] = np.clip(strip, 0, 255)
+    del alpha8, tex8
 
     px_per_um = 1.0 / mpp
     normal_sprites = _sprites(rng, 48, False, px_per_um)
@@ -156,10 +162,10 @@ def render_slide(
         if xa >= xb or ya >= yb:
             continue
         al = alpha[ya - y0 : yb - y0, xa - x0 : xb - x0, None]
-        region = img[ya:yb, xa:xb]
-        region *= 1 - al
-        region += al * colour[ya - y0 : yb - y0, xa - x0 : xb - x0]
-    return np.clip(img, 0, 255).astype(np.uint8), tissue, tumor
+        region = img[ya:yb, xa:xb].astype(np.float32)
+        region += al * (colour[ya - y0 : yb - y0, xa - x0 : xb - x0] - region)
+        img[ya:yb, xa:xb] = np.clip(region, 0, 255)
+    return img, tissue, tumor
 
 
 def write_aperio_tiff(
