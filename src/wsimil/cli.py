@@ -199,6 +199,69 @@ def tile(
 
 @app.command()
 @_user_errors
+def extract(
+    job: Annotated[Path, typer.Option(help="Tiling job folder written by `wsimil tile`.")],
+    mag: Annotated[float, typer.Option(help="Magnification to encode (must have been tiled).")],
+    encoder: Annotated[str, typer.Option(help="Encoder name (see `wsimil encoders`).")],
+    weights: Annotated[
+        str | None,
+        typer.Option(help="Weights file, or 'hub' to download (online). Without: random init with a warning."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
+    batch_size: Annotated[int, typer.Option(help="Patches per encoder batch.")] = 64,
+    workers: Annotated[int, typer.Option(help="DataLoader workers reading patches.")] = 0,
+    precision: Annotated[str, typer.Option(help="fp32, fp16 or bf16 (autocast).")] = "fp32",
+    patch_size: Annotated[int, typer.Option(help="Patch size the job was tiled with.")] = 256,
+    reader: Annotated[str, typer.Option(help="openslide or tiffslide.")] = "openslide",
+    backend: Annotated[str, typer.Option(help="local (Ray comes next).")] = "local",
+    seed: Annotated[int, typer.Option(help="Seed of the random init when no weights are given.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Redo slides whose features are already valid.")] = False,
+) -> None:
+    """Encode a tiling job's patches into feature bags (JOB/{mag}x_{ps}px_0px_overlap/features_{encoder}/).
+    Exits with status 1 if any slide failed (after finishing all others)."""
+    from wsimil.config import resolve_device
+    from wsimil.features.extract import ExtractSettings, features_dir, run_extraction
+    from wsimil.progress import console
+
+    if backend != "local":
+        raise WsimilError(f"--backend {backend!r} is not available yet; use local")
+    st = ExtractSettings(
+        mag=mag,
+        encoder=encoder,
+        weights=weights,
+        device=resolve_device(device),
+        batch_size=batch_size,
+        workers=workers,
+        precision=precision,
+        reader=reader,
+        seed=seed,
+    )
+    table = run_extraction(job, st, patch_size=patch_size, overwrite=overwrite)
+    counts = table["status"].value_counts().to_dict()
+    out_dir = features_dir(job, st, patch_size)
+    console.print(
+        f"Encoded {counts.get('ok', 0)}, skipped {counts.get('skipped', 0)}, failed "
+        f"{counts.get('failed', 0)} → {out_dir}"
+    )
+    failed = table[table["status"] == "failed"]
+    for _, r in failed.iterrows():
+        console.print(f"[red]failed[/] {r['slide_id']}: {r['error']}", highlight=False, soft_wrap=True)
+    if len(failed):
+        raise typer.Exit(1)
+
+
+@app.command()
+@_user_errors
+def encoders() -> None:
+    """List the available patch encoders with their embedding width and hub id."""
+    from wsimil.features.encoders import ENCODERS
+
+    for name, spec in sorted(ENCODERS.items()):
+        typer.echo(f"{name:16s} {spec.embed_dim:5d}-d  input {spec.input_size}  {spec.hub_id or '-'}  {spec.note}")
+
+
+@app.command()
+@_user_errors
 def models() -> None:
     """List the available MIL aggregators."""
     from wsimil.models import list_models

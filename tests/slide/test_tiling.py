@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tests.slide.conftest import tissue_iou
+from tests.conftest import tissue_iou
 from wsimil.slide.synth import MASK_DOWNSAMPLE
 from wsimil.slide.tiling import nested_grids
 from wsimil.slide.tissue import detect_tissue

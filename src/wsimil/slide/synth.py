@@ -118,10 +118,12 @@ def render_slide(
     # uint8 so a large slide never needs full-size float buffers
     edge_lo = cv2.GaussianBlur(tissue.astype(np.float32), (5, 5), 1.0)
     tex_lo = _smooth_field(rng, (mh * 2, mw * 2), 1.5).astype(np.float32)
-    alpha8 = cv2.resize(np.clip((edge_lo - 0.35) * 4, 0, 1) * 255, (width, height),
-                        interpolation=cv2.INTER_LINEAR).astype(np.uint8)
-    tex8 = cv2.resize(np.clip(tex_lo * 40 + 128, 0, 255), (width, height),
-                      interpolation=cv2.INTER_LINEAR).astype(np.uint8)
+    alpha8 = cv2.resize(
+        np.clip((edge_lo - 0.35) * 4, 0, 1) * 255, (width, height), interpolation=cv2.INTER_LINEAR
+    ).astype(np.uint8)
+    tex8 = cv2.resize(np.clip(tex_lo * 40 + 128, 0, 255), (width, height), interpolation=cv2.INTER_LINEAR).astype(
+        np.uint8
+    )
     img = np.empty((height, width, 3), dtype=np.uint8)
     for y0 in range(0, height, 512):
         y1 = min(y0 + 512, height)

@@ -40,7 +40,12 @@ class GridLevel:
         return mag_to_mpp(self.mag)
 
 
-def _tissue_fraction(integral: np.ndarray, x0: np.ndarray, y0: np.ndarray, size: float) -> np.ndarray:
+def integral_image(mask: np.ndarray) -> np.ndarray:
+    """Summed-area table with a zero first row and column."""
+    return np.pad((mask > 0).astype(np.int64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+
+
+def box_mean(integral: np.ndarray, x0: np.ndarray, y0: np.ndarray, size: float) -> np.ndarray:
     """Mean of the mask over axis-aligned squares (mask-pixel coordinates, float), via its integral image."""
     h, w = integral.shape[0] - 1, integral.shape[1] - 1
     xa = np.clip(np.floor(x0).astype(int), 0, w)
@@ -71,7 +76,7 @@ def nested_grids(
             raise ValueError(f"magnifications must nest: {hi:g}x / {m:g}x = {f:g} is not an integer")
     w0, h0 = dimensions
     step_hi = patch_size * mag_to_mpp(hi) / mpp0
-    integral = np.pad(mask.astype(np.int64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    integral = integral_image(mask)
     grids: dict[float, GridLevel] = {}
     cell_index: dict[float, np.ndarray] = {}
     for m in mags:
@@ -81,7 +86,7 @@ def nested_grids(
         jj, ii = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")  # row-major order
         ii, jj = ii.ravel(), jj.ravel()
         x, y = ii * step, jj * step
-        frac = _tissue_fraction(integral, x / mask_downsample, y / mask_downsample, step / mask_downsample)
+        frac = box_mean(integral, x / mask_downsample, y / mask_downsample, step / mask_downsample)
         keep = frac >= min_tissue
         coords = np.stack([np.round(x[keep]), np.round(y[keep])], 1).astype(np.int64)
         cells = np.stack([ii[keep], jj[keep]], 1).astype(np.int64)

@@ -1,0 +1,182 @@
+"""Feature extraction for a tiling job: patches → encoder → ``JOB/{grid}/features_{encoder}/{slide_id}.h5``.
+
+Resumable (a slide whose feature file matches the current encoder, weights and tiling is skipped) and robust (a
+slide that fails is reported in ``features_{encoder}/status.csv`` and the others go on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+
+from wsimil import __version__
+from wsimil.errors import WsimilError
+from wsimil.features.encoders import Encoder, create_encoder
+from wsimil.features.patches import PatchGrid, SlidePatchBlocks, patch_labels_from_mask
+from wsimil.features.store import write_bag
+from wsimil.io import write_csv
+from wsimil.slide.job import grid_dir_name, patches_path
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class ExtractSettings:
+    mag: float
+    encoder: str
+    weights: str | None = None
+    device: str = "cpu"
+    batch_size: int = 64
+    workers: int = 0
+    precision: str = "fp32"
+    reader: str = "openslide"
+    block: int = 8
+    seed: int = 0
+
+
+def encode_slide(encoder: Encoder, grid: PatchGrid, st: ExtractSettings, mpp: float | None = None) -> np.ndarray:
+    """Features ``(N, D)`` float32 of one slide's patches, in the order of ``grid.coords``."""
+    n = len(grid.coords)
+    out = np.empty((n, encoder.embed_dim), dtype=np.float32)
+    if n == 0:
+        return out
+    ds = SlidePatchBlocks(grid, st.reader, mpp, st.block)
+    cuda = st.device.startswith("cuda")
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=None,
+        shuffle=False,
+        num_workers=st.workers,
+        pin_memory=cuda,
+        persistent_workers=False,
+        prefetch_factor=4 if st.workers else None,
+    )
+    dtype = PRECISIONS[st.precision]
+    autocast = (
+        torch.autocast(device_type="cuda" if cuda else "cpu", dtype=dtype)
+        if dtype != torch.float32
+        else contextlib.nullcontext()
+    )
+    pending_x: list[torch.Tensor] = []
+    pending_i: list[torch.Tensor] = []
+
+    def flush(force: bool) -> None:
+        while pending_x and (force or sum(len(x) for x in pending_x) >= st.batch_size):
+            x = torch.cat(pending_x)
+            i = torch.cat(pending_i)
+            take = len(x) if force else st.batch_size
+            xb, ib = x[:take], i[:take]
+            pending_x[:] = [x[take:]] if take < len(x) else []
+            pending_i[:] = [i[take:]] if take < len(i) else []
+            with torch.inference_mode(), autocast:
+                feats = encoder.model(encoder.preprocess(xb.to(st.device, non_blocking=True)))
+            out[ib.numpy()] = feats.float().cpu().numpy()
+            if force and not pending_x:
+                break
+
+    for patches, idx in loader:
+        pending_x.append(patches)
+        pending_i.append(idx)
+        flush(False)
+    flush(True)
+    return out
+
+
+def features_dir(job: Path, st: ExtractSettings, patch_size: int) -> Path:
+    return Path(job) / grid_dir_name(st.mag, patch_size) / f"features_{st.encoder}"
+
+
+def _valid(path: Path, encoder: Encoder, grid: PatchGrid) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            a = f["features"].attrs
+            return (
+                a.get("encoder") == encoder.name
+                and a.get("weights") == encoder.weights
+                and a.get("tiling_key") == grid.attrs.get("settings_key")
+                and len(f["features"]) == len(grid.coords)
+            )
+    except (OSError, KeyError):
+        return False
+
+
+def run_extraction(
+    job: str | Path, st: ExtractSettings, patch_size: int = 256, overwrite: bool = False, encoder: Encoder | None = None
+) -> pd.DataFrame:
+    """Encode every tiled slide of ``job`` at ``st.mag``; returns (and writes) the per-slide status table."""
+    from wsimil.progress import make_progress
+
+    job = Path(job)
+    slides_csv = job / "slides.csv"
+    if not slides_csv.is_file():
+        raise WsimilError(f"{job} is not a tiling job: {slides_csv} is missing (run `wsimil tile` first)")
+    slides = pd.read_csv(slides_csv, dtype=str, keep_default_na=False)
+    if st.precision not in PRECISIONS:
+        raise WsimilError(f"--precision must be one of {', '.join(PRECISIONS)}, not {st.precision!r}")
+    encoder = encoder or create_encoder(st.encoder, st.weights, st.seed)
+    encoder.model.to(st.device)
+    out_dir = features_dir(job, st, patch_size)
+    rows = []
+    with make_progress() as progress:
+        task = progress.add_task(f"Encoding {st.mag:g}x with {st.encoder}", total=len(slides), info="")
+        for _, s in slides.iterrows():
+            sid = s["slide_id"]
+            t0 = time.perf_counter()
+            row = {"slide_id": sid, "status": "ok", "error": "", "patches": 0, "seconds": 0.0}
+            try:
+                ppath = patches_path(job, st.mag, patch_size, sid)
+                if not ppath.is_file():
+                    raise WsimilError(
+                        f"slide {sid!r}: no {st.mag:g}x patches in {ppath.parent} (tiling failed or "
+                        "this magnification was not tiled)"
+                    )
+                grid = PatchGrid.from_h5(ppath, s["path"])
+                fpath = out_dir / f"{sid}.h5"
+                row["patches"] = len(grid.coords)
+                if not overwrite and _valid(fpath, encoder, grid):
+                    row["status"] = "skipped"
+                else:
+                    mpp = float(s["mpp"]) if s.get("mpp") else None
+                    feats = encode_slide(encoder, grid, st, mpp)
+                    labels = None
+                    if s.get("tumor_mask"):
+                        from PIL import Image
+
+                        mask = np.asarray(Image.open(s["tumor_mask"]))
+                        labels = patch_labels_from_mask(grid, mask, float(s.get("mask_downsample") or 16))
+                    write_bag(
+                        fpath,
+                        feats,
+                        grid.coords,
+                        instance_labels=labels,
+                        encoder=encoder.name,
+                        attrs={
+                            "weights": encoder.weights,
+                            "weights_sha256": encoder.weights_sha256 or "",
+                            "transforms": encoder.transforms_description(),
+                            "precision": st.precision,
+                            "tiling_key": grid.attrs.get("settings_key", ""),
+                            "embed_dim": encoder.embed_dim,
+                            "wsimil_version": __version__,
+                        },
+                        coords_attrs={k: v for k, v in grid.attrs.items() if v is not None},
+                    )
+            except WsimilError as e:
+                row.update(status="failed", error=str(e))
+            except Exception as e:  # noqa: BLE001 - one bad slide must not stop the batch
+                msg = traceback.format_exception_only(type(e), e)[-1].strip()
+                row.update(status="failed", error=f"unexpected: {msg}")
+            row["seconds"] = round(time.perf_counter() - t0, 3)
+            rows.append(row)
+            progress.update(task, advance=1, info=f"{sid}: {row['status']}")
+    table = pd.DataFrame(rows)
+    write_csv(out_dir / "status.csv", table)
+    return table

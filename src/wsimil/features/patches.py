@@ -1,0 +1,152 @@
+"""Reading patches fast: a slide's tissue patches are read in blocks (one read per block of up to ``block×block``
+grid cells at the pyramid level closest below the target resolution, at a position snapped to that level's
+downsample), resized once per block when the level's resolution differs from the target, and cut into patches.
+
+The snap moves a block by less than one read-level pixel; the resize brings a block of ``k`` cells to exactly
+``k · patch_size`` pixels, so each patch covers its cell at the target µm/px.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+
+@dataclass
+class PatchGrid:
+    """One slide's patches at one magnification, as stored by the tiler."""
+
+    slide_id: str
+    slide_path: str
+    coords: np.ndarray  # (N, 2) level-0
+    cells: np.ndarray  # (N, 2) (col, row)
+    patch_size: int
+    step0: float  # exact level-0 footprint
+    read_level: int
+    read_downsample: float
+    mpp0: float
+    attrs: dict
+
+    @classmethod
+    def from_h5(cls, path: str | Path, slide_path: str | None = None) -> PatchGrid:
+        with h5py.File(path, "r") as f:
+            d = f["coords"]
+            attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in d.attrs.items()}
+            coords = d[()].astype(np.int64)
+            cells = f["grid_cells"][()] if "grid_cells" in f else None
+        step = float(attrs.get("patch_size_level0_exact", attrs["patch_size_level0"]))
+        if cells is None:  # foreign (TRIDENT/CLAM) coordinates: cells from positions
+            cells = np.round(coords / step).astype(np.int64)
+        return cls(
+            str(attrs.get("name", Path(path).stem.removesuffix("_patches"))),
+            slide_path or str(attrs.get("slide_path", "")),
+            coords,
+            cells,
+            int(attrs["patch_size"]),
+            step,
+            int(attrs.get("read_level", 0)),
+            float(attrs.get("read_downsample", 1.0)),
+            float(attrs.get("mpp_level0", 0.0)),
+            attrs,
+        )
+
+
+def plan_blocks(cells: np.ndarray, block: int) -> list[np.ndarray]:
+    """Patch indices grouped by ``block×block`` cell blocks, in row-major block order."""
+    if len(cells) == 0:
+        return []
+    key = (cells[:, 1] // block) * (cells[:, 0].max() // block + 1) + cells[:, 0] // block
+    order = np.argsort(key, kind="stable")
+    splits = np.flatnonzero(np.diff(key[order])) + 1
+    return np.split(order, splits)
+
+
+class SlidePatchBlocks(torch.utils.data.Dataset):
+    """Item ``k`` = ``(patches uint8 (n_k, ps, ps, 3), indices (n_k,))`` for block ``k`` of one slide. Each
+    DataLoader worker opens its own slide handle."""
+
+    def __init__(self, grid: PatchGrid, reader: str = "openslide", mpp: float | None = None, block: int = 8):
+        self.grid, self.reader, self.mpp, self.block = grid, reader, mpp, block
+        self.blocks = plan_blocks(grid.cells, block)
+        self._slide = None
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def _open(self):
+        if self._slide is None or self._pid != os.getpid():
+            from wsimil.slide.reader import open_slide
+
+            self._slide = open_slide(
+                self.grid.slide_path, self.reader, mpp=self.mpp or self.grid.mpp0 or None, slide_id=self.grid.slide_id
+            )
+            self._pid = os.getpid()
+        return self._slide
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.blocks[k]
+        return torch.from_numpy(read_block(self._open(), self.grid, idx)), torch.from_numpy(idx)
+
+
+def read_block(slide, grid: PatchGrid, idx: np.ndarray) -> np.ndarray:
+    """Read the patches ``idx`` (all in one block) with a single region read: ``(n, ps, ps, 3)`` uint8."""
+    import cv2
+
+    cells = grid.cells[idx]
+    c0, r0 = cells.min(0)
+    c1, r1 = cells.max(0)
+    ncols, nrows = c1 - c0 + 1, r1 - r0 + 1
+    ps, step, level = grid.patch_size, grid.step0, grid.read_level
+    ds = slide.level_downsamples[level]
+    x0, y0 = c0 * step, r0 * step
+    xs, ys = math.floor(x0 / ds) * ds, math.floor(y0 / ds) * ds  # snap to the level's pixel grid
+    w = math.ceil(ncols * step / ds)
+    h = math.ceil(nrows * step / ds)
+    region = slide.read_region((int(round(xs)), int(round(ys))), level, (w, h))
+    tw, th = ncols * ps, nrows * ps
+    if (w, h) != (tw, th):
+        region = cv2.resize(region, (tw, th), interpolation=cv2.INTER_AREA if w > tw else cv2.INTER_LINEAR)
+    out = np.empty((len(idx), ps, ps, 3), dtype=np.uint8)
+    for j, (c, r) in enumerate(cells):
+        ox, oy = (c - c0) * ps, (r - r0) * ps
+        out[j] = region[oy : oy + ps, ox : ox + ps]
+    return out
+
+
+def read_patch_naive(slide, coord: tuple[int, int], step0: float, patch_size: int) -> np.ndarray:
+    """CLAM's way, the baseline for benchmarks: one level-0 read of the full footprint per patch, then resize."""
+    import cv2
+
+    s = int(round(step0))
+    img = slide.read_region((int(coord[0]), int(coord[1])), 0, (s, s))
+    if s != patch_size:
+        img = cv2.resize(img, (patch_size, patch_size), interpolation=cv2.INTER_AREA)
+    return img
+
+
+def patch_labels_from_mask(
+    grid: PatchGrid, mask: np.ndarray, mask_downsample: float, positive: float = 0.1
+) -> np.ndarray:
+    """Instance labels from a ground-truth mask: 1 if at least ``positive`` of a patch's footprint is inside the
+    mask, 0 if none is, −1 (unknown) in between."""
+    if len(grid.coords) == 0:
+        return np.zeros(0, dtype=np.int64)
+    from wsimil.slide.tiling import box_mean, integral_image
+
+    frac = box_mean(
+        integral_image(mask),
+        grid.coords[:, 0] / mask_downsample,
+        grid.coords[:, 1] / mask_downsample,
+        grid.step0 / mask_downsample,
+    )
+    lab = np.full(len(frac), -1, dtype=np.int64)
+    lab[frac >= positive] = 1
+    lab[frac == 0] = 0
+    return lab

@@ -1,0 +1,73 @@
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from wsimil.cli import app
+from wsimil.features.patches import PatchGrid, plan_blocks, read_block, read_patch_naive
+from wsimil.features.store import FeatureStore
+from wsimil.slide import open_slide
+from wsimil.slide.job import TileSettings, collect_slides, patches_path, run_tiling
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def job(slide_dir, tmp_path_factory):
+    j = tmp_path_factory.mktemp("job")
+    specs = collect_slides(slide_dir / "s40.svs") + collect_slides(slide_dir / "s20.svs")
+    run_tiling(specs, j, TileSettings(mags=[20, 5]))
+    return j
+
+
+@pytest.mark.parametrize("mag", [20, 5])
+def test_block_reads_match_per_patch_reads(job, slide_dir, mag):
+    g = PatchGrid.from_h5(patches_path(job, mag, 256, "s40"))
+    with open_slide(slide_dir / "s40.svs") as s:
+        for idx in plan_blocks(g.cells, 4)[:2]:
+            block = read_block(s, g, idx)
+            assert block.shape == (len(idx), 256, 256, 3)
+            for j, i in enumerate(idx[:3]):
+                naive = read_patch_naive(s, g.coords[i], g.step0, 256)
+                tol = 1.0 if mag == 20 else 8.0  # 5x reads the 4x pyramid level, the baseline level 0
+                assert np.abs(block[j].astype(int) - naive.astype(int)).mean() < tol
+
+
+def test_blocks_cover_every_patch_once(job):
+    g = PatchGrid.from_h5(patches_path(job, 20, 256, "s40"))
+    blocks = plan_blocks(g.cells, 3)
+    assert sorted(np.concatenate(blocks).tolist()) == list(range(len(g.coords)))
+    for b in blocks:
+        assert np.ptp(g.cells[b] // 3, axis=0).max() == 0
+
+
+def test_extract_cli_writes_trident_features_and_resumes(job, tmp_path):
+    args = ["extract", "--job", str(job), "--mag", "5", "--encoder", "resnet18", "--batch-size", "7"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    fdir = job / "5x_256px_0px_overlap" / "features_resnet18"
+    store = FeatureStore(fdir)
+    assert store.slide_ids() == ["s20", "s40"]
+    bag = store.read("s40")
+    with h5py.File(patches_path(job, 5, 256, "s40"), "r") as f:
+        coords = f["coords"][()]
+    np.testing.assert_array_equal(bag.coords, coords)
+    assert bag.features.shape == (len(coords), 512) and np.isfinite(bag.features).all()
+    with h5py.File(fdir / "s40.h5", "r") as f:
+        a = f["features"].attrs
+        assert a["encoder"] == "resnet18" and a["weights"] == "random(seed=0)" and "normalize" in a["transforms"]
+        assert f["coords"].attrs["target_mpp"] == 2.0
+    mtime = (fdir / "s40.h5").stat().st_mtime_ns
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0 and "skipped 2" in res.output and (fdir / "s40.h5").stat().st_mtime_ns == mtime
+    # batch size and workers do not change the features
+    res = runner.invoke(app, [*args, "--batch-size", "64", "--workers", "2", "--overwrite"])
+    assert res.exit_code == 0, res.output
+    np.testing.assert_allclose(store.read("s40").features, bag.features, rtol=1e-4, atol=1e-5)
+
+
+def test_extract_reports_missing_magnification(job):
+    res = runner.invoke(app, ["extract", "--job", str(job), "--mag", "10", "--encoder", "resnet18"])
+    assert res.exit_code == 1 and "no 10x patches" in res.output
+    res = runner.invoke(app, ["extract", "--job", str(job.parent), "--mag", "5", "--encoder", "resnet18"])
+    assert res.exit_code == 2 and "is not a tiling job" in res.output
