@@ -213,7 +213,8 @@ def extract(
     precision: Annotated[str, typer.Option(help="fp32, fp16 or bf16 (autocast).")] = "fp32",
     patch_size: Annotated[int, typer.Option(help="Patch size the job was tiled with.")] = 256,
     reader: Annotated[str, typer.Option(help="openslide or tiffslide.")] = "openslide",
-    backend: Annotated[str, typer.Option(help="local (Ray comes next).")] = "local",
+    backend: Annotated[str, typer.Option(help="local, or ray (one task per slide on a Ray cluster).")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address; default: start Ray locally.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random init when no weights are given.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Redo slides whose features are already valid.")] = False,
 ) -> None:
@@ -223,8 +224,6 @@ def extract(
     from wsimil.features.extract import ExtractSettings, features_dir, run_extraction
     from wsimil.progress import console
 
-    if backend != "local":
-        raise WsimilError(f"--backend {backend!r} is not available yet; use local")
     st = ExtractSettings(
         mag=mag,
         encoder=encoder,
@@ -236,7 +235,9 @@ def extract(
         reader=reader,
         seed=seed,
     )
-    table = run_extraction(job, st, patch_size=patch_size, overwrite=overwrite)
+    table = run_extraction(
+        job, st, patch_size=patch_size, overwrite=overwrite, backend=backend, ray_address=ray_address
+    )
     counts = table["status"].value_counts().to_dict()
     out_dir = features_dir(job, st, patch_size)
     console.print(

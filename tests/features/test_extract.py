@@ -71,3 +71,17 @@ def test_extract_reports_missing_magnification(job):
     assert res.exit_code == 1 and "no 10x patches" in res.output
     res = runner.invoke(app, ["extract", "--job", str(job.parent), "--mag", "5", "--encoder", "resnet18"])
     assert res.exit_code == 2 and "is not a tiling job" in res.output
+
+
+def test_ray_backend_gives_the_local_features(job, tmp_path):
+    pytest.importorskip("ray", reason="Ray is installed with the [test] extra")
+    base = ["extract", "--job", str(job), "--mag", "5", "--encoder", "resnet18", "--overwrite"]
+    assert runner.invoke(app, base).exit_code == 0
+    fdir = job / "5x_256px_0px_overlap" / "features_resnet18"
+    local = {s: FeatureStore(fdir).read(s).features for s in ("s20", "s40")}
+    res = runner.invoke(app, [*base, "--backend", "ray"])
+    assert res.exit_code == 0, res.output
+    for s, f in local.items():
+        np.testing.assert_allclose(FeatureStore(fdir).read(s).features, f, rtol=1e-5, atol=1e-6)
+    status = (fdir / "status.csv").read_text()
+    assert status.count(",ok,") == 2

@@ -108,75 +108,102 @@ def _valid(path: Path, encoder: Encoder, grid: PatchGrid) -> bool:
         return False
 
 
+def process_slide(
+    encoder: Encoder, job: Path, st: ExtractSettings, slide: dict, patch_size: int, overwrite: bool
+) -> dict:
+    """Encode one slide of a job (``slide`` is its row of ``slides.csv``); returns its status row. Never raises
+    for a bad slide: the error goes into the row."""
+    sid = slide["slide_id"]
+    t0 = time.perf_counter()
+    row = {"slide_id": sid, "status": "ok", "error": "", "patches": 0, "seconds": 0.0}
+    try:
+        ppath = patches_path(job, st.mag, patch_size, sid)
+        if not ppath.is_file():
+            raise WsimilError(
+                f"slide {sid!r}: no {st.mag:g}x patches in {ppath.parent} (tiling failed or "
+                "this magnification was not tiled)"
+            )
+        grid = PatchGrid.from_h5(ppath, slide["path"])
+        fpath = features_dir(job, st, patch_size) / f"{sid}.h5"
+        row["patches"] = len(grid.coords)
+        if not overwrite and _valid(fpath, encoder, grid):
+            row["status"] = "skipped"
+        else:
+            mpp = float(slide["mpp"]) if slide.get("mpp") else None
+            feats = encode_slide(encoder, grid, st, mpp)
+            labels = None
+            if slide.get("tumor_mask"):
+                from PIL import Image
+
+                mask = np.asarray(Image.open(slide["tumor_mask"]))
+                labels = patch_labels_from_mask(grid, mask, float(slide.get("mask_downsample") or 16))
+            write_bag(
+                fpath,
+                feats,
+                grid.coords,
+                instance_labels=labels,
+                encoder=encoder.name,
+                attrs={
+                    "weights": encoder.weights,
+                    "weights_sha256": encoder.weights_sha256 or "",
+                    "transforms": encoder.transforms_description(),
+                    "precision": st.precision,
+                    "tiling_key": grid.attrs.get("settings_key", ""),
+                    "embed_dim": encoder.embed_dim,
+                    "wsimil_version": __version__,
+                },
+                coords_attrs={k: v for k, v in grid.attrs.items() if v is not None},
+            )
+    except WsimilError as e:
+        row.update(status="failed", error=str(e))
+    except Exception as e:  # noqa: BLE001 - one bad slide must not stop the batch
+        msg = traceback.format_exception_only(type(e), e)[-1].strip()
+        row.update(status="failed", error=f"unexpected: {msg}")
+    row["seconds"] = round(time.perf_counter() - t0, 3)
+    return row
+
+
+def read_job_slides(job: Path) -> list[dict]:
+    slides_csv = Path(job) / "slides.csv"
+    if not slides_csv.is_file():
+        raise WsimilError(f"{job} is not a tiling job: {slides_csv} is missing (run `wsimil tile` first)")
+    return pd.read_csv(slides_csv, dtype=str, keep_default_na=False).to_dict("records")
+
+
 def run_extraction(
-    job: str | Path, st: ExtractSettings, patch_size: int = 256, overwrite: bool = False, encoder: Encoder | None = None
+    job: str | Path,
+    st: ExtractSettings,
+    patch_size: int = 256,
+    overwrite: bool = False,
+    encoder: Encoder | None = None,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> pd.DataFrame:
-    """Encode every tiled slide of ``job`` at ``st.mag``; returns (and writes) the per-slide status table."""
+    """Encode every tiled slide of ``job`` at ``st.mag``; returns (and writes) the per-slide status table.
+
+    ``backend="ray"`` runs one task per slide on a Ray cluster (see :mod:`wsimil.features.distributed`); the
+    features are the same as with the local backend."""
     from wsimil.progress import make_progress
 
     job = Path(job)
-    slides_csv = job / "slides.csv"
-    if not slides_csv.is_file():
-        raise WsimilError(f"{job} is not a tiling job: {slides_csv} is missing (run `wsimil tile` first)")
-    slides = pd.read_csv(slides_csv, dtype=str, keep_default_na=False)
+    slides = read_job_slides(job)
     if st.precision not in PRECISIONS:
         raise WsimilError(f"--precision must be one of {', '.join(PRECISIONS)}, not {st.precision!r}")
-    encoder = encoder or create_encoder(st.encoder, st.weights, st.seed)
-    encoder.model.to(st.device)
-    out_dir = features_dir(job, st, patch_size)
-    rows = []
-    with make_progress() as progress:
-        task = progress.add_task(f"Encoding {st.mag:g}x with {st.encoder}", total=len(slides), info="")
-        for _, s in slides.iterrows():
-            sid = s["slide_id"]
-            t0 = time.perf_counter()
-            row = {"slide_id": sid, "status": "ok", "error": "", "patches": 0, "seconds": 0.0}
-            try:
-                ppath = patches_path(job, st.mag, patch_size, sid)
-                if not ppath.is_file():
-                    raise WsimilError(
-                        f"slide {sid!r}: no {st.mag:g}x patches in {ppath.parent} (tiling failed or "
-                        "this magnification was not tiled)"
-                    )
-                grid = PatchGrid.from_h5(ppath, s["path"])
-                fpath = out_dir / f"{sid}.h5"
-                row["patches"] = len(grid.coords)
-                if not overwrite and _valid(fpath, encoder, grid):
-                    row["status"] = "skipped"
-                else:
-                    mpp = float(s["mpp"]) if s.get("mpp") else None
-                    feats = encode_slide(encoder, grid, st, mpp)
-                    labels = None
-                    if s.get("tumor_mask"):
-                        from PIL import Image
+    if backend == "ray":
+        from wsimil.features.distributed import run_extraction_ray
 
-                        mask = np.asarray(Image.open(s["tumor_mask"]))
-                        labels = patch_labels_from_mask(grid, mask, float(s.get("mask_downsample") or 16))
-                    write_bag(
-                        fpath,
-                        feats,
-                        grid.coords,
-                        instance_labels=labels,
-                        encoder=encoder.name,
-                        attrs={
-                            "weights": encoder.weights,
-                            "weights_sha256": encoder.weights_sha256 or "",
-                            "transforms": encoder.transforms_description(),
-                            "precision": st.precision,
-                            "tiling_key": grid.attrs.get("settings_key", ""),
-                            "embed_dim": encoder.embed_dim,
-                            "wsimil_version": __version__,
-                        },
-                        coords_attrs={k: v for k, v in grid.attrs.items() if v is not None},
-                    )
-            except WsimilError as e:
-                row.update(status="failed", error=str(e))
-            except Exception as e:  # noqa: BLE001 - one bad slide must not stop the batch
-                msg = traceback.format_exception_only(type(e), e)[-1].strip()
-                row.update(status="failed", error=f"unexpected: {msg}")
-            row["seconds"] = round(time.perf_counter() - t0, 3)
-            rows.append(row)
-            progress.update(task, advance=1, info=f"{sid}: {row['status']}")
+        rows = run_extraction_ray(job, st, slides, patch_size, overwrite, ray_address)
+    elif backend == "local":
+        encoder = encoder or create_encoder(st.encoder, st.weights, st.seed)
+        encoder.model.to(st.device)
+        rows = []
+        with make_progress() as progress:
+            task = progress.add_task(f"Encoding {st.mag:g}x with {st.encoder}", total=len(slides), info="")
+            for slide in slides:
+                rows.append(process_slide(encoder, job, st, slide, patch_size, overwrite))
+                progress.update(task, advance=1, info=f"{slide['slide_id']}: {rows[-1]['status']}")
+    else:
+        raise WsimilError(f"unknown backend {backend!r}; choose local or ray")
     table = pd.DataFrame(rows)
-    write_csv(out_dir / "status.csv", table)
+    write_csv(features_dir(job, st, patch_size) / "status.csv", table)
     return table

@@ -42,6 +42,7 @@ class SlideSpec:
     slide_id: str
     path: str
     mpp: float | None = None
+    extra: dict = field(default_factory=dict, hash=False, compare=False)  # other slide-table columns, kept as is
 
 
 @dataclass
@@ -98,7 +99,11 @@ def collect_slides(spec: str | Path) -> list[SlideSpec]:
             if not path.is_absolute():
                 path = (p.parent / path).resolve()
             mpp = float(r["mpp"]) if "mpp" in df.columns and r["mpp"].strip() else None
-            out.append(SlideSpec(r.get("slide_id") or path.stem, str(path), mpp))
+            extra = {k: v for k, v in r.items() if k not in ("slide_id", "path", "mpp")}
+            for k in ("tumor_mask",):  # paths relative to the table
+                if extra.get(k) and not Path(extra[k]).is_absolute():
+                    extra[k] = str((p.parent / extra[k]).resolve())
+            out.append(SlideSpec(r.get("slide_id") or path.stem, str(path), mpp, extra))
     elif p.is_file():
         out = [SlideSpec(p.stem, str(p.resolve()))]
     else:
@@ -259,7 +264,10 @@ def run_tiling(
     job = Path(job)
     specs = collect_slides(slides) if not isinstance(slides, list) else slides
     job.mkdir(parents=True, exist_ok=True)
-    write_csv(job / "slides.csv", pd.DataFrame([asdict(s) for s in specs]))
+    write_csv(
+        job / "slides.csv",
+        pd.DataFrame([{"slide_id": s.slide_id, "path": s.path, "mpp": s.mpp, **s.extra} for s in specs]),
+    )
     cfg = asdict(settings)
     write_yaml(job / "tiling.yaml", {**cfg, "settings_key": settings.key(), "wsimil_version": __version__})
     rows: dict[str, dict] = {}
