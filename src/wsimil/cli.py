@@ -275,14 +275,16 @@ def models() -> None:
 @_user_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's data and outputs.")] = Path("wsimil_demo"),
-    epochs: Annotated[int, typer.Option()] = 20,
+    slides: Annotated[int, typer.Option(help="Synthetic slides to make.")] = 20,
+    epochs: Annotated[int, typer.Option()] = 30,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
-    """Run the whole pipeline on built-in synthetic data (a few minutes on CPU) and print where outputs are."""
+    """Run the whole pipeline on built-in synthetic slides (a few minutes on CPU): synth → tile (20x, 5x) →
+    features → ABMIL training → results, and print where the outputs are."""
     from wsimil.demo import run_demo
 
-    run_demo(out, seed=seed, epochs=epochs, device=device)
+    run_demo(out, seed=seed, epochs=epochs, device=device, n_slides=slides)
 
 
 def _fmt(v) -> str:

@@ -57,12 +57,14 @@ def kfold_splits(
         for f, (tr, te) in enumerate(outer.split(ids, y, groups)):
             val_idx = np.array([], dtype=int)
             if val_fraction > 0:
-                n_inner = max(2, round(1 / val_fraction))
-                if len(set(groups[tr])) < n_inner:
+                n_groups = len(set(groups[tr]))
+                if n_groups < 2:
                     raise WsimilError(
-                        f"fold {f} has {len(set(groups[tr]))} training cases, too few to carve a "
-                        f"validation part of {val_fraction}; lower val_fraction or use fewer folds"
+                        f"fold {f} has {n_groups} training case(s), too few to carve a validation "
+                        f"part; set val_fraction to 0 or use fewer folds"
                     )
+                # small cohorts: at least one case goes to validation even if that is more than val_fraction
+                n_inner = min(max(2, round(1 / val_fraction)), n_groups)
                 inner = StratifiedGroupKFold(n_splits=n_inner, shuffle=True, random_state=seed + 1000 * (r + 1) + f)
                 with warnings.catch_warnings():  # small classes: stratification is best effort here
                     warnings.simplefilter("ignore", UserWarning)
