@@ -179,22 +179,11 @@ def tile(
 ) -> None:
     """Find tissue and tile it at exact µm/px, at one or several nested magnifications with links between them.
     Exits with status 1 if any slide failed (after finishing all others); see JOB/status.csv."""
-    from wsimil.progress import console
     from wsimil.slide.job import TileSettings, run_tiling
 
     settings = TileSettings(mags=list(mag), patch_size=patch_size, reader=reader, mpp=mpp, min_tissue=min_tissue)
     table = run_tiling(slides, out, settings, workers=workers, overwrite=overwrite)
-    counts = table["status"].value_counts().to_dict()
-    console.print(
-        f"Tiled {counts.get('ok', 0)}, skipped {counts.get('skipped', 0)} (already done), "
-        f"failed {counts.get('failed', 0)} → {out}"
-    )
-    failed = table[table["status"] == "failed"]
-    for _, r in failed.iterrows():
-        console.print(f"[red]failed[/] {r['slide_id']}: {r['error']}", highlight=False, soft_wrap=True)
-    if len(failed):
-        console.print(f"Status of every slide: {out / 'status.csv'}")
-        raise typer.Exit(1)
+    _report_batch(table, "Tiled", out, out / "status.csv")
 
 
 @app.command()
@@ -222,7 +211,6 @@ def extract(
     Exits with status 1 if any slide failed (after finishing all others)."""
     from wsimil.config import resolve_device
     from wsimil.features.extract import ExtractSettings, features_dir, run_extraction
-    from wsimil.progress import console
 
     st = ExtractSettings(
         mag=mag,
@@ -238,17 +226,8 @@ def extract(
     table = run_extraction(
         job, st, patch_size=patch_size, overwrite=overwrite, backend=backend, ray_address=ray_address
     )
-    counts = table["status"].value_counts().to_dict()
     out_dir = features_dir(job, st, patch_size)
-    console.print(
-        f"Encoded {counts.get('ok', 0)}, skipped {counts.get('skipped', 0)}, failed "
-        f"{counts.get('failed', 0)} → {out_dir}"
-    )
-    failed = table[table["status"] == "failed"]
-    for _, r in failed.iterrows():
-        console.print(f"[red]failed[/] {r['slide_id']}: {r['error']}", highlight=False, soft_wrap=True)
-    if len(failed):
-        raise typer.Exit(1)
+    _report_batch(table, "Encoded", out_dir, out_dir / "status.csv")
 
 
 @app.command()
@@ -285,6 +264,24 @@ def demo(
     from wsimil.demo import run_demo
 
     run_demo(out, seed=seed, epochs=epochs, device=device, n_slides=slides)
+
+
+def _report_batch(table, verb: str, out: Path, status_csv: Path) -> None:
+    """Summarise a per-slide batch, list each failed slide with its error, exit 1 if any failed."""
+    from wsimil.progress import console
+
+    counts = table["status"].value_counts().to_dict()
+    console.print(
+        f"{verb} {counts.get('ok', 0)}, skipped {counts.get('skipped', 0)} (already done), "
+        f"failed {counts.get('failed', 0)} → {out}",
+        soft_wrap=True,
+    )
+    failed = table[table["status"] == "failed"]
+    for _, r in failed.iterrows():
+        console.print(f"[red]failed[/] {r['slide_id']}: {r['error']}", highlight=False, soft_wrap=True)
+    if len(failed):
+        console.print(f"Status of every slide: {status_csv}", soft_wrap=True)
+        raise typer.Exit(1)
 
 
 def _fmt(v) -> str:
