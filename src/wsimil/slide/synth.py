@@ -71,7 +71,7 @@ def _sprites(rng, n: int, tumor: bool, px_per_um: float) -> list[tuple[np.ndarra
     colour, slightly larger, with a chromatin checker texture of period ~1 µm and a dark nucleolus."""
     out = []
     for _ in range(n):
-        r_um = rng.uniform(3.2, 4.2) if tumor else rng.uniform(2.8, 3.6)
+        r_um = rng.uniform(3.4, 4.4) if tumor else rng.uniform(2.8, 3.6)
         ecc = rng.uniform(0.75, 1.0)
         r = r_um * px_per_um
         s = int(np.ceil(2 * r + 4))
@@ -84,10 +84,10 @@ def _sprites(rng, n: int, tumor: bool, px_per_um: float) -> list[tuple[np.ndarra
         shade = 1.0 + 0.06 * rng.standard_normal()
         colour = np.broadcast_to(NUCLEUS * shade, (s, s, 3)).copy()
         if tumor:
-            period = max(2.0, 1.0 * px_per_um)  # ~1 µm: resolved at 0.5 µm/px, gone at 2 µm/px
+            period = max(2.0, 2.0 * px_per_um)  # 2 µm: 4 px at 20x (kept after resizing to 224), 1 px at 5x
             phase = rng.uniform(0, 2 * np.pi, 2)
             tex = np.sign(np.sin(2 * np.pi * xx / period + phase[0]) * np.sin(2 * np.pi * yy / period + phase[1]))
-            colour = colour * (1.0 + 0.42 * tex[..., None])
+            colour = colour * (1.0 + 0.6 * tex[..., None])
             cy, cx = rng.uniform(-0.3, 0.3, 2) * r
             nucleolus = (yy - cy) ** 2 + (xx - cx) ** 2 <= (0.22 * r) ** 2
             colour[nucleolus] = NUCLEUS * 0.45
