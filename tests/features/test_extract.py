@@ -85,3 +85,23 @@ def test_ray_backend_gives_the_local_features(job, tmp_path):
         np.testing.assert_allclose(FeatureStore(fdir).read(s).features, f, rtol=1e-5, atol=1e-6)
     status = (fdir / "status.csv").read_text()
     assert status.count(",ok,") == 2
+
+
+def test_synthetic_cohort_gives_instance_labels(tmp_path):
+    from wsimil.slide.synth import make_cohort
+
+    slides = make_cohort(tmp_path / "coh", 2, seed=1, width=4096, height=3072, tumor_fraction=0.1, pos_fraction=0.5)
+    assert sorted(s.label for s in slides) == [0, 1]
+    man = (tmp_path / "coh" / "manifest.csv").read_text().splitlines()
+    assert man[0] == "case_id,slide_id,label,path,tumor_mask,mask_downsample"
+    run_tiling(tmp_path / "coh" / "manifest.csv", tmp_path / "job", TileSettings(mags=[20]))
+    res = runner.invoke(app, ["extract", "--job", str(tmp_path / "job"), "--mag", "20", "--encoder", "resnet18"])
+    assert res.exit_code == 0, res.output
+    store = FeatureStore(tmp_path / "job" / "20x_256px_0px_overlap" / "features_resnet18")
+    for s in slides:
+        labels = store.read(s.slide_id).instance_labels
+        assert labels is not None and len(labels) == len(store.read(s.slide_id).features)
+        if s.label:
+            assert (labels == 1).sum() >= 1 and (labels == 0).sum() > (labels == 1).sum()
+        else:
+            assert (labels == 0).all()

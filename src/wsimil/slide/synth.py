@@ -263,6 +263,7 @@ def make_cohort(
                     "label": s.label,
                     "path": str(s.path.resolve()),
                     "tumor_mask": str(s.mask_path.resolve()),
+                    "mask_downsample": MASK_DOWNSAMPLE,
                 }
                 for s in slides
             ]
