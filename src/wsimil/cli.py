@@ -79,8 +79,9 @@ def train(
     seed: Annotated[int | None, typer.Option(help=_default("seed"))] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ... " + _default("device"))] = None,
 ) -> None:
-    """Train a MIL model with cross-validation; writes config.yaml, results.json, predictions.csv,
-    history.csv and per-fold checkpoints."""
+    """Train a MIL model with cross-validation.
+
+    Writes config.yaml, results.json, predictions.csv, history.csv and per-fold checkpoints to --out."""
     from wsimil.config import load_config
     from wsimil.methods.trainer import run_training
     from wsimil.progress import console
@@ -177,7 +178,9 @@ def tile(
     min_tissue: Annotated[float, typer.Option(help="Least tissue share of a patch's footprint.")] = 0.1,
     overwrite: Annotated[bool, typer.Option(help="Redo slides whose outputs are already valid.")] = False,
 ) -> None:
-    """Find tissue and tile it at exact µm/px, at one or several nested magnifications with links between them.
+    """Find tissue and tile it at exact µm/px, at one or more nested magnifications.
+
+    With several --mag the grids nest and JOB/links/ maps each coarse patch to the fine patches inside it.
     Exits with status 1 if any slide failed (after finishing all others); see JOB/status.csv."""
     from wsimil.slide.job import TileSettings, run_tiling
 
@@ -207,7 +210,9 @@ def extract(
     seed: Annotated[int, typer.Option(help="Seed of the random init when no weights are given.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Redo slides whose features are already valid.")] = False,
 ) -> None:
-    """Encode a tiling job's patches into feature bags (JOB/{mag}x_{ps}px_0px_overlap/features_{encoder}/).
+    """Encode a tiling job's patches into feature bags.
+
+    Writes JOB/{mag}x_{ps}px_0px_overlap/features_{encoder}/{slide_id}.h5 and a status.csv.
     Exits with status 1 if any slide failed (after finishing all others)."""
     from wsimil.config import resolve_device
     from wsimil.features.extract import ExtractSettings, features_dir, run_extraction
@@ -259,8 +264,9 @@ def demo(
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
-    """Run the whole pipeline on built-in synthetic slides (a few minutes on CPU): synth → tile (20x, 5x) →
-    features → ABMIL training → results, and print where the outputs are."""
+    """Run the whole pipeline on built-in synthetic slides (a few minutes on CPU).
+
+    synth → tile (20x, 5x) → features → ABMIL training → results; prints where the outputs are."""
     from wsimil.demo import run_demo
 
     run_demo(out, seed=seed, epochs=epochs, device=device, n_slides=slides)
