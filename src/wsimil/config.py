@@ -32,7 +32,7 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(1, ge=1)
     grad_clip: float | None = None
     balanced_sampling: bool = True
-    standardize: bool = False
+    standardize: bool = True  # per-dimension, statistics from the training part of each fold only
     max_instances: int | None = Field(None, ge=1)
     # validation and early stopping
     early_stopping: bool = True
