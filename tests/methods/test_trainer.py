@@ -143,3 +143,18 @@ def test_cohorts_beyond_the_memory_budget_stream_from_disk(digit_cohort, tmp_pat
     mem = run_training(load_config(model="abmil", **fast), feats, manifest, tmp_path / "mem")
     disk = run_training(load_config(model="abmil", **fast, max_memory_gb=0), feats, manifest, tmp_path / "disk")
     assert mem["folds"] == disk["folds"]
+
+
+def test_padded_standardisation_in_place_matches_out_of_place():
+    from wsimil.data.batching import Standardizer, pad_batch
+
+    bags = [torch.randn(5, 3), torch.randn(2, 3)]
+    std = Standardizer.fit(bags)
+    x, mask = pad_batch(bags)
+    expected = std(x) * mask[..., None]
+    got = std.apply_padded(x.clone(), mask, owned=True)
+    torch.testing.assert_close(got, expected)
+    single, m1 = pad_batch(bags[:1])
+    before = bags[0].clone()
+    std.apply_padded(single, m1, owned=False)
+    torch.testing.assert_close(bags[0], before)  # a batch of one is a view of the stored bag: never modified

@@ -16,11 +16,13 @@ def pad_batch(xs: list[Tensor]) -> tuple[Tensor, Tensor]:
         x = xs[0].unsqueeze(0)
         return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     n_max = max(x.shape[0] for x in xs)
-    out = xs[0].new_zeros(len(xs), n_max, xs[0].shape[1])
+    out = xs[0].new_empty(len(xs), n_max, xs[0].shape[1])  # only the padded tails are zeroed below
     mask = torch.zeros(len(xs), n_max, dtype=torch.bool, device=xs[0].device)
     for i, x in enumerate(xs):
-        out[i, : x.shape[0]] = x
-        mask[i, : x.shape[0]] = True
+        n = x.shape[0]
+        out[i, :n] = x
+        out[i, n:] = 0
+        mask[i, :n] = True
     return out, mask
 
 
@@ -46,6 +48,14 @@ class Standardizer:
 
     def __call__(self, x: Tensor) -> Tensor:
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def apply_padded(self, x: Tensor, mask: Tensor, owned: bool) -> Tensor:
+        """Standardise a padded batch and keep padding at zero; in place when the batch tensor is ``owned`` (a
+        fresh copy made by :func:`pad_batch`), which saves three full-size temporaries on large bags."""
+        if not owned:
+            return self(x) * mask[..., None]
+        x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+        return x.masked_fill_(~mask[..., None], 0.0)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"mean": self.mean, "std": self.std}

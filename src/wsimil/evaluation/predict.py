@@ -57,7 +57,7 @@ def predict(
         idx = order[start : start + batch_size]
         x, mask = pad_batch([bags[i].to(device, non_blocking=True) for i in idx])
         if standardizer is not None:
-            x = standardizer(x) * mask[..., None]
+            x = standardizer.apply_padded(x, mask, owned=len(idx) > 1)
         out = model(x, mask)
         n_classes = out.logits.shape[1]
         p = out.logits.float().softmax(-1).cpu()

@@ -137,7 +137,7 @@ class Trainer:
                 xs = [self._train_view(self.bags[i], gen) for i in idx]
                 x, mask = pad_batch(xs)
                 if std is not None:
-                    x = std(x) * mask[..., None]
+                    x = std.apply_padded(x, mask, owned=len(xs) > 1)
                 y = torch.as_tensor(self.labels[idx], device=self.device)
                 out = model(x, mask)
                 terms = method.losses(model, out, y, mask, epoch)
