@@ -92,3 +92,10 @@ def test_splits_must_match_manifest(manifest, tmp_path):
     pd.DataFrame({"a": [1]}).to_csv(tmp_path / "h.csv", index=False)
     with pytest.raises(WsimilError, match="cannot tell the format"):
         read_splits(tmp_path / "h.csv")
+
+
+def test_tiny_cohorts_still_get_a_validation_part(tmp_path):
+    p = tmp_path / "m.csv"
+    pd.DataFrame({"slide_id": [f"s{i}" for i in range(10)], "label": [i % 2 for i in range(10)]}).to_csv(p, index=False)
+    splits = kfold_splits(read_manifest(p), k=5, val_fraction=0.1, seed=0)
+    assert all(len(s.val) >= 1 and len(s.train) >= 4 for s in splits)

@@ -64,7 +64,9 @@ def kfold_splits(
                         f"part; set val_fraction to 0 or use fewer folds"
                     )
                 # small cohorts: at least one case goes to validation even if that is more than val_fraction
-                n_inner = min(max(2, round(1 / val_fraction)), n_groups)
+                # (scikit-learn needs the largest class to have at least n_splits cases)
+                largest = int(pd.Series(groups[tr]).groupby(y[tr]).nunique().max())
+                n_inner = max(2, min(round(1 / val_fraction), largest))
                 inner = StratifiedGroupKFold(n_splits=n_inner, shuffle=True, random_state=seed + 1000 * (r + 1) + f)
                 with warnings.catch_warnings():  # small classes: stratification is best effort here
                     warnings.simplefilter("ignore", UserWarning)
