@@ -61,7 +61,7 @@ def main() -> None:
             g = PatchGrid.from_h5(patches_path(job, mag, 256, s.slide_id), s.path)
             with open_slide(s.path) as slide:
                 t = time.perf_counter()
-                for idx in plan_blocks(g.cells, 8):
+                for idx in plan_blocks(g.cells, 4):
                     read_block(slide, g, idx)
                 ours_t += time.perf_counter() - t
             with open_slide(s.path) as slide:  # fresh handle: no warm tile cache from the first pass

@@ -38,7 +38,7 @@ class ExtractSettings:
     workers: int = 0
     precision: str = "fp32"
     reader: str = "openslide"
-    block: int = 8
+    block: int = 4  # cells per side of one read; OpenSlide slows down on much larger regions
     seed: int = 0
 
 
