@@ -75,8 +75,10 @@ def main() -> None:
         naive_src_mp = ours_n * round(256 * (10 / mag) / 0.25) ** 2 / 1e6
         read[f"{mag}x"] = {
             "patches": int(ours_n),
-            "ours_patches_per_s": round(ours_n / ours_t, 1), "naive_patches_per_s": round(ours_n / naive_t, 1),
-            "ours_output_mp_per_s": round(out_mp / ours_t, 1), "naive_output_mp_per_s": round(out_mp / naive_t, 1),
+            "ours_patches_per_s": round(ours_n / ours_t, 1),
+            "naive_patches_per_s": round(ours_n / naive_t, 1),
+            "ours_output_mp_per_s": round(out_mp / ours_t, 1),
+            "naive_output_mp_per_s": round(out_mp / naive_t, 1),
             "ours_source_mp_per_s": round(src_px / 1e6 / ours_t, 1),
             "naive_source_mp_per_s": round(naive_src_mp / naive_t, 1),
             "speedup_vs_naive": round(naive_t / ours_t, 2),
@@ -91,11 +93,17 @@ def main() -> None:
         extract[f"{mag}x_seconds_per_slide"] = round((time.perf_counter() - t) / len(specs), 3)
     extract["ratio_20x_over_5x"] = round(extract["20x_seconds_per_slide"] / extract["5x_seconds_per_slide"], 2)
     result = {
-        "benchmark": "pipeline", "slides": len(specs), "slide_size": [int(table["width"].iloc[0]),
-                                                                      int(table["height"].iloc[0])],
+        "benchmark": "pipeline",
+        "slides": len(specs),
+        "slide_size": [int(table["width"].iloc[0]), int(table["height"].iloc[0])],
         "patches_per_slide": {"20x": float(np.mean(table["patches_20x"])), "5x": float(np.mean(table["patches_5x"]))},
-        "tiling_seconds_per_slide": round(tiling, 3), "read": read, "extract": extract, "encoder": args.encoder,
-        "threads": torch.get_num_threads(), "cpu": platform.machine(), "cores": os.cpu_count(),
+        "tiling_seconds_per_slide": round(tiling, 3),
+        "read": read,
+        "extract": extract,
+        "encoder": args.encoder,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.machine(),
+        "cores": os.cpu_count(),
     }
     print(json.dumps(result, indent=2))
 
