@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,6 +296,3 @@ def create_encoder(name: str, weights: str | Path | None = None, seed: int = 0) 
     except RuntimeError as e:
         raise WsimilError(f"weights {path} do not fit encoder {name!r}: {e}") from e
     return Encoder(spec, model.eval(), str(path.resolve()), sha256_file(path))
-
-
-Builder = Callable[..., Encoder]

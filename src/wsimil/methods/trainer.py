@@ -29,7 +29,6 @@ from wsimil.config import TrainConfig, resolve_device
 from wsimil.data.batching import BagTensors, Standardizer, epoch_order, pad_batch
 from wsimil.data.manifest import Cohort, load_cohort, read_manifest
 from wsimil.data.splits import Split, kfold_splits, read_splits
-from wsimil.errors import WsimilError
 from wsimil.evaluation.metrics import (
     bootstrap_ci,
     classification_metrics,
@@ -250,11 +249,8 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
         else kfold_splits(man, cfg.folds, cfg.repeats, cfg.val_fraction, cfg.seed)
     )
     cohort = load_cohort(man, store, max_memory_gb=cfg.max_memory_gb)
-    if cfg.model_kwargs:
-        try:  # fail on bad options now, not after loading and a fold of training
-            create_model(cfg.model, cohort.in_dim, len(man.classes), **cfg.model_kwargs)
-        except WsimilError:
-            raise
+    # fail on bad model options now, not after a fold of training
+    create_model(cfg.model, cohort.in_dim, len(man.classes), **cfg.model_kwargs)
     out.mkdir(parents=True, exist_ok=True)
     resolved = {
         **cfg.model_dump(mode="json"),
