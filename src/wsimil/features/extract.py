@@ -69,18 +69,22 @@ def encode_slide(encoder: Encoder, grid: PatchGrid, st: ExtractSettings, mpp: fl
     pending_i: list[torch.Tensor] = []
 
     def flush(force: bool) -> None:
-        while pending_x and (force or sum(len(x) for x in pending_x) >= st.batch_size):
-            x = torch.cat(pending_x)
-            i = torch.cat(pending_i)
-            take = len(x) if force else st.batch_size
-            xb, ib = x[:take], i[:take]
-            pending_x[:] = [x[take:]] if take < len(x) else []
-            pending_i[:] = [i[take:]] if take < len(i) else []
+        """Encode full batches of the pending patches (and, with ``force``, the remainder)."""
+        if not pending_x or (not force and sum(len(x) for x in pending_x) < st.batch_size):
+            return
+        x, i = torch.cat(pending_x), torch.cat(pending_i)
+        pending_x.clear()
+        pending_i.clear()
+        start, bs = 0, st.batch_size
+        while len(x) - start >= bs or (force and start < len(x)):
+            xb, ib = x[start : start + bs], i[start : start + bs]
             with torch.inference_mode(), autocast:
                 feats = encoder.model(encoder.preprocess(xb.to(st.device, non_blocking=True)))
             out[ib.numpy()] = feats.float().cpu().numpy()
-            if force and not pending_x:
-                break
+            start += bs
+        if start < len(x):
+            pending_x.append(x[start:])
+            pending_i.append(i[start:])
 
     for patches, idx in loader:
         pending_x.append(patches)

@@ -165,7 +165,7 @@ def _rgba_to_rgb(a: np.ndarray) -> np.ndarray:
         return a
     import cv2
 
-    if cv2.minMaxLoc(a[..., 3].copy() if not a[..., 3].flags.c_contiguous else a[..., 3])[0] == 255:
+    if a[..., 3].min() == 255:
         return cv2.cvtColor(a, cv2.COLOR_RGBA2RGB)
     rgb = a[..., :3].astype(np.uint16)
     alpha = a[..., 3:4].astype(np.uint16)
