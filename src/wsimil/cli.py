@@ -52,7 +52,25 @@ def train(
     out: Annotated[Path, typer.Option(help="Run folder to write.")],
     model: Annotated[str | None, typer.Option(help="Aggregator (see `wsimil models`). " + _default("model"))] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config; flags override it.")] = None,
-    method: Annotated[str | None, typer.Option(help="Training method. " + _default("method"))] = None,
+    method: Annotated[
+        str | None, typer.Option(help="Training method (see `wsimil methods`). " + _default("method"))
+    ] = None,
+    method_opt: Annotated[
+        list[str] | None,
+        typer.Option("--method-opt", help="Method option KEY=VALUE (repeatable; VALUE parsed as YAML)."),
+    ] = None,
+    model_opt: Annotated[
+        list[str] | None,
+        typer.Option("--model-opt", help="Model option KEY=VALUE (repeatable), e.g. dropout=0.1."),
+    ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(help="classification, or survival (manifest columns time,event). " + _default("task")),
+    ] = None,
+    teacher_init: Annotated[
+        Path | None,
+        typer.Option(help="MHIM: run folder of a trained baseline to initialise the teacher from (same splits)."),
+    ] = None,
     folds: Annotated[
         int | None, typer.Option(help="k of stratified, case-grouped k-fold CV. " + _default("folds"))
     ] = None,
@@ -86,10 +104,16 @@ def train(
     from wsimil.methods.trainer import run_training
     from wsimil.progress import console
 
+    method_kwargs = _key_values(method_opt, "--method-opt")
+    if teacher_init is not None:
+        method_kwargs["teacher_init"] = str(teacher_init)
     cfg = load_config(
         config,
         model=model,
         method=method,
+        task=task,
+        model_kwargs=_key_values(model_opt, "--model-opt") or None,
+        method_kwargs=method_kwargs or None,
         folds=folds,
         repeats=repeats,
         splits=str(splits) if splits else None,
@@ -106,6 +130,22 @@ def train(
     res = run_training(cfg, features, manifest, out)
     _print_metrics(res["metrics"])
     console.print(f"Results: {out / 'results.json'}")
+
+
+def _key_values(items: list[str] | None, flag: str) -> dict:
+    """``["a=1", "b=[2, 3]"]`` → ``{"a": 1, "b": [2, 3]}`` (values parsed as YAML)."""
+    import yaml
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise WsimilError(f"{flag} expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise WsimilError(f"{flag} {item!r}: value is not valid YAML: {e}") from None
+    return out
 
 
 @app.command()
@@ -243,6 +283,21 @@ def encoders() -> None:
 
     for name, spec in sorted(ENCODERS.items()):
         typer.echo(f"{name:16s} {spec.embed_dim:5d}-d  input {spec.input_size}  {spec.hub_id or '-'}  {spec.note}")
+
+
+@app.command()
+@_user_errors
+def methods() -> None:
+    """List the training methods and their options (set with --method-opt KEY=VALUE)."""
+    from wsimil.methods.base import _METHODS, list_methods
+    from wsimil.progress import console
+
+    for name in list_methods():
+        cls = _METHODS[name]
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        console.print(f"[bold]{name}[/]  {doc}", highlight=False)
+        for k, v in sorted(cls.defaults.items()):
+            console.print(f"    {k} = {v!r}", highlight=False)
 
 
 @app.command()

@@ -19,6 +19,9 @@ class TrainConfig(BaseModel):
     model: str = "abmil"
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     method: str = "supervised"
+    method_kwargs: dict[str, Any] = Field(default_factory=dict)
+    task: Literal["classification", "survival"] = "classification"
+    survival_bins: int = Field(4, ge=2, description="quantile time bins of the discrete-time survival model")
     classes: list[str] | None = None
     label_column: str = "label"
     # optimisation

@@ -51,9 +51,16 @@ def _sort_classes(values: list[str]) -> list[str]:
         return sorted(values)
 
 
-def read_manifest(path: str | Path, classes: list[str] | None = None, label_column: str = "label") -> Manifest:
+def read_manifest(
+    path: str | Path,
+    classes: list[str] | None = None,
+    label_column: str = "label",
+    task: str = "classification",
+    survival_bins: int = 4,
+) -> Manifest:
     """Read and check a manifest CSV. ``classes`` fixes the class order (and rejects other labels); by default
-    the sorted distinct labels (numerically if they are all numbers)."""
+    the sorted distinct labels (numerically if they are all numbers). ``task="survival"`` reads ``time,event``
+    instead of a label and makes ``y`` the quantile time bin (classes ``bin0…``)."""
     path = Path(path)
     if not path.is_file():
         raise WsimilError(f"manifest {path} does not exist")
@@ -62,11 +69,12 @@ def read_manifest(path: str | Path, classes: list[str] | None = None, label_colu
     except Exception as e:  # noqa: BLE001 - pandas raises several parser errors
         raise WsimilError(f"cannot read manifest {path}: {e}") from e
     df.columns = [c.strip() for c in df.columns]
-    missing = [c for c in (*REQUIRED, label_column) if c not in df.columns]
+    survival = task == "survival"
+    missing = [c for c in (*REQUIRED, *(("time", "event") if survival else (label_column,))) if c not in df.columns]
     if missing:
         raise WsimilError(
             f"manifest {path} lacks column(s) {', '.join(missing)}; found {', '.join(df.columns) or 'none'}. "
-            f"Expected at least case_id,slide_id,{label_column}"
+            f"Expected at least case_id,slide_id,{'time,event' if survival else label_column}"
         )
     df = df.copy()
     for c in df.columns:
@@ -82,6 +90,13 @@ def read_manifest(path: str | Path, classes: list[str] | None = None, label_colu
     for sid in sorted(set(dup)):
         rows = [str(i + 2) for i in np.flatnonzero(df["slide_id"].to_numpy() == sid)]
         problems.append(f"slide {sid!r}: duplicate slide_id (rows {', '.join(rows)})")
+    if survival:
+        if problems:
+            raise problems_error(f"manifest {path} is invalid", problems)
+        from wsimil.evaluation.survival import add_survival_columns
+
+        df, classes = add_survival_columns(df, survival_bins, path)
+        return Manifest(df.reset_index(drop=True), classes, path)
     for i, (sid, lab) in enumerate(zip(df["slide_id"], df[label_column], strict=True)):
         if lab == "" or lab.lower() == "nan":
             problems.append(f"slide {sid!r} (row {i + 2}): missing {label_column}")

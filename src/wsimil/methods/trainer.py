@@ -17,8 +17,10 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,7 +29,7 @@ import torch
 from wsimil import __version__
 from wsimil.config import TrainConfig, resolve_device
 from wsimil.data.batching import BagTensors, Standardizer, epoch_order, pad_batch
-from wsimil.data.manifest import Cohort, load_cohort, read_manifest
+from wsimil.data.manifest import Cohort, Manifest, load_cohort, read_manifest
 from wsimil.data.splits import Split, kfold_splits, read_splits
 from wsimil.evaluation.metrics import (
     bootstrap_ci,
@@ -40,8 +42,8 @@ from wsimil.evaluation.metrics import (
 from wsimil.evaluation.predict import predict
 from wsimil.features.store import FeatureStore
 from wsimil.io import atomic_path, write_csv, write_json, write_yaml
-from wsimil.methods.base import TrainingMethod, create_method
-from wsimil.models import MILModel, create_model
+from wsimil.methods.base import Batch, create_method
+from wsimil.models import MILModel
 from wsimil.progress import console, make_progress
 
 
@@ -52,6 +54,73 @@ class FoldResult:
     metrics: dict
     ci: dict | None
     history: list[dict]
+    head_metrics: dict[str, dict] = field(default_factory=dict)  # {head: {metrics, ci}} for extra output heads
+    risk: np.ndarray | None = None  # survival risk per test slide
+
+
+@dataclass
+class FoldContext:
+    """What a training method sees of one fold: the trainer's data, the fold's indices, its standardiser."""
+
+    trainer: Trainer
+    split: Split
+    train: np.ndarray  # positions in trainer.slide_ids
+    val: np.ndarray
+    test: np.ndarray
+    standardizer: Standardizer | None
+    seed: int
+    progress: Any = None
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.trainer.cfg
+
+    @property
+    def device(self) -> str:
+        return self.trainer.device
+
+    @property
+    def slide_ids(self) -> list[str]:
+        return self.trainer.ids
+
+    def make_batch(self, idx: np.ndarray, gen: torch.Generator | None = None) -> Batch:
+        """Pad, move and standardise the bags at positions ``idx`` (subsampled to ``max_instances`` with
+        ``gen`` when given, as in training)."""
+        t = self.trainer
+        xs, rows = [], []
+        for i in idx:
+            bag, kept = t.bags[i], None
+            k = self.cfg.max_instances
+            if gen is not None and k is not None and bag.shape[0] > k:
+                kept = torch.randperm(bag.shape[0], generator=gen)[:k].sort().values
+                bag = bag[kept]
+            xs.append(bag.to(t.device, non_blocking=True))
+            rows.append(kept)
+        x, mask = pad_batch(xs)
+        if self.standardizer is not None:
+            x = self.standardizer.apply_padded(x, mask, owned=len(xs) > 1)
+        y = torch.as_tensor(t.labels[idx], device=t.device)
+        event = time_ = None
+        if t.events is not None:
+            event = torch.as_tensor(t.events[idx], dtype=torch.float32, device=t.device)
+            time_ = torch.as_tensor(t.times[idx], dtype=torch.float32, device=t.device)
+        return Batch(x, mask, y, np.asarray(idx), rows, event, time_)
+
+    def train_batches(self, epoch: int, gen: torch.Generator) -> Iterator[Batch]:
+        """The epoch's training mini-batches (class-balanced draws when configured)."""
+        t, cfg = self.trainer, self.cfg
+        order = self.train[epoch_order(t.labels[self.train], cfg.balanced_sampling, gen)]
+        for start in range(0, len(order), cfg.batch_size):
+            yield self.make_batch(order[start : start + cfg.batch_size], gen)
+
+    def baseline(self, **overrides: Any) -> tuple[MILModel, Standardizer | None]:
+        """Train (or reuse from ``RUN/baseline``) a plain supervised model on this very fold, same split and seed —
+        the teacher initialisation of MHIM-MIL. ``overrides`` change config fields (e.g. ``epochs``)."""
+        t = self.trainer
+        cfg = t.cfg.model_copy(update={"method": "supervised", "method_kwargs": {}, **overrides})
+        sub = Trainer(cfg, t.cohort, t.out / "baseline", t.device, t.manifest)
+        model, std, _ = sub.train_fold(self.split, self.progress, label="baseline ")
+        return model, std
 
 
 def fold_seed(seed: int, repeat: int, fold: int) -> int:
@@ -65,44 +134,56 @@ def config_hash(cfg: TrainConfig, extra: dict) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, cohort: Cohort, out_dir: Path, device: str):
+    """Trains ``cfg.method`` fold by fold on one cohort; ``run_fold`` = ``train_fold`` + test-set evaluation."""
+
+    def __init__(self, cfg: TrainConfig, cohort: Cohort, out_dir: Path, device: str, manifest: Manifest | None = None):
         self.cfg, self.cohort, self.out, self.device = cfg, cohort, out_dir, device
-        m = cohort.manifest
+        self.manifest = m = manifest if manifest is not None else cohort.manifest
         self.ids = m.slide_ids
         self.pos = {sid: i for i, sid in enumerate(self.ids)}
         self.labels = m.labels
+        self.classes = m.classes
         self.n_classes = len(m.classes)
+        self.events = m.df["event"].to_numpy(dtype=np.float32) if cfg.task == "survival" else None
+        self.times = m.df["time"].to_numpy(dtype=np.float32) if cfg.task == "survival" else None
         self.bags = BagTensors(cohort, self.ids, pin_memory=device.startswith("cuda"))
         self.inst_labels = [cohort.bags[sid].instance_labels for sid in self.ids]
+        self.method = create_method(cfg)
+        self.method.prepare(m)
         self.hash = config_hash(cfg, {"classes": m.classes, "in_dim": cohort.in_dim})
 
+    @property
+    def slide_ids(self) -> list[str]:
+        return self.ids
+
     # ------------------------------------------------------------------ one fold
-    def run_fold(self, split: Split, progress, task) -> FoldResult:
+    def train_fold(self, split: Split, progress, label: str = "") -> tuple[MILModel, Standardizer | None, list[dict]]:
+        """Train on ``split`` (or load its checkpoint when the config hash matches); return the best model."""
         cfg = self.cfg
         ckpt_path = self.out / "checkpoints" / f"repeat{split.repeat}_fold{split.fold}.pt"
-        tr = np.array([self.pos[s] for s in split.train])
-        va = np.array([self.pos[s] for s in split.val], dtype=int)
+        ctx = self._context(split, progress)
+        torch.manual_seed(ctx.seed)
+        model = self.method.build(self.cohort.in_dim, self.n_classes).to(self.device)
+        history: list[dict] = []
+        task = progress.add_task(f"{label}repeat {split.repeat} fold {split.fold}", total=cfg.epochs, info="")
+        try:
+            if ckpt_path.is_file():
+                ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+                if ck.get("config_hash") == self.hash:
+                    model.load_state_dict(ck["state_dict"])
+                    return model, Standardizer.from_state(ck.get("standardizer")), ck.get("history", [])
+            self.method.setup(model, ctx)
+            history = self._fit(model, ctx, progress, task)
+            self._save_checkpoint(ckpt_path, model, ctx.standardizer, split, history)
+            return model, ctx.standardizer, history
+        finally:
+            progress.remove_task(task)
+
+    def run_fold(self, split: Split, progress) -> FoldResult:
+        cfg = self.cfg
+        model, std, history = self.train_fold(split, progress)
         te = np.array([self.pos[s] for s in split.test], dtype=int)
         seed = fold_seed(cfg.seed, split.repeat, split.fold)
-        torch.manual_seed(seed)
-        method = create_method(cfg)
-        model = method.build(self.cohort.in_dim, self.n_classes).to(self.device)
-        history: list[dict] = []
-        std = Standardizer.fit(self.bags.take(tr)) if cfg.standardize else None
-
-        reused = False
-        if ckpt_path.is_file():
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            if ck.get("config_hash") == self.hash:
-                model.load_state_dict(ck["state_dict"])
-                std = Standardizer.from_state(ck.get("standardizer"))
-                history = ck.get("history", [])
-                reused = True
-                progress.advance(task, cfg.epochs)
-        if not reused:
-            history = self._fit(method, model, tr, va, std, seed, split, progress, task)
-            self._save_checkpoint(ckpt_path, model, std, split, history)
-
         pred = predict(
             model,
             self.bags.take(te),
@@ -112,43 +193,66 @@ class Trainer:
             cfg.eval_batch_size,
             with_instances=self.cohort.has_instance_labels,
         )
-        metrics = classification_metrics(self.labels[te], pred.probs)
+        risk = None
+        if cfg.task == "survival":
+            metrics, ci, risk = self._survival_metrics(te, pred, seed)
+        else:
+            metrics = classification_metrics(self.labels[te], pred.probs)
+            ci = bootstrap_ci(self.labels[te], pred.probs, cfg.bootstrap, seed) if cfg.bootstrap else None
         if pred.instance_scores is not None:
             metrics["instance_auc"] = instance_auc(pred.instance_scores, [self.inst_labels[i] for i in te])
-        ci = bootstrap_ci(self.labels[te], pred.probs, cfg.bootstrap, seed) if cfg.bootstrap else None
-        return FoldResult(split, pred.probs, metrics, ci, history)
+        heads = {}
+        for head, probs in (pred.extra_probs or {}).items():
+            y, _ = self.method.head_labels(head, [self.ids[i] for i in te], self.labels[te], self.classes)
+            heads[head] = {"metrics": classification_metrics(y, probs)}
+            if cfg.bootstrap:
+                heads[head]["ci"] = bootstrap_ci(y, probs, cfg.bootstrap, seed)
+        return FoldResult(split, pred.probs, metrics, ci, history, heads, risk)
 
-    def _fit(self, method: TrainingMethod, model: MILModel, tr, va, std, seed, split, progress, task) -> list[dict]:
+    def _survival_metrics(self, te: np.ndarray, pred, seed: int) -> tuple[dict, dict | None, np.ndarray]:
+        from wsimil.evaluation.survival import bootstrap_cindex, concordance_index, risk_from_logits
+
+        risk = risk_from_logits(pred.logits)
+        metrics = {"c_index": concordance_index(self.times[te], self.events[te], risk)}
+        ci = None
+        if self.cfg.bootstrap:
+            ci = {"c_index": bootstrap_cindex(self.times[te], self.events[te], risk, self.cfg.bootstrap, seed)}
+        return metrics, ci, risk
+
+    def _context(self, split: Split, progress) -> FoldContext:
         cfg = self.cfg
-        opt = _optimizer(cfg, model)
+        tr = np.array([self.pos[s] for s in split.train], dtype=int)
+        va = np.array([self.pos[s] for s in split.val], dtype=int)
+        te = np.array([self.pos[s] for s in split.test], dtype=int)
+        std = Standardizer.fit(self.bags.take(tr)) if cfg.standardize else None
+        return FoldContext(self, split, tr, va, te, std, fold_seed(cfg.seed, split.repeat, split.fold), progress)
+
+    def _validate(self, model: MILModel, ctx: FoldContext) -> dict[str, float]:
+        va = ctx.val
+        pv = predict(
+            model, self.bags.take(va), self.device, self.labels[va], ctx.standardizer, self.cfg.eval_batch_size
+        )
+        if self.cfg.task == "survival":
+            from wsimil.evaluation.survival import concordance_index, nll_survival_loss, risk_from_logits
+
+            logits = torch.as_tensor(pv.logits)
+            y, ev = torch.as_tensor(self.labels[va]), torch.as_tensor(self.events[va])
+            c = concordance_index(self.times[va], self.events[va], risk_from_logits(pv.logits))
+            # val_auc carries the c-index so that monitor: val_auc selects on it
+            return {"val_loss": float(nll_survival_loss(logits, y, ev)), "val_auc": c}
+        return {"val_loss": pv.loss, "val_auc": classification_metrics(self.labels[va], pv.probs)["auc"]}
+
+    def _fit(self, model: MILModel, ctx: FoldContext, progress, task) -> list[dict]:
+        cfg, method, split = self.cfg, self.method, ctx.split
+        opt = _optimizer(cfg, method.parameters(model))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs) if cfg.scheduler == "cosine" else None
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(ctx.seed)
         best_state, best_score, best_epoch, bad_epochs = None, math.inf, -1, 0
         history = []
         for epoch in range(cfg.epochs):
             t0 = time.perf_counter()
             model.train()
-            sums: dict[str, float] = {}
-            n_steps = 0
-            order = tr[epoch_order(self.labels[tr], cfg.balanced_sampling, gen)]
-            for start in range(0, len(order), cfg.batch_size):
-                idx = order[start : start + cfg.batch_size]
-                xs = [self._train_view(self.bags[i], gen) for i in idx]
-                x, mask = pad_batch(xs)
-                if std is not None:
-                    x = std.apply_padded(x, mask, owned=len(xs) > 1)
-                y = torch.as_tensor(self.labels[idx], device=self.device)
-                out = model(x, mask)
-                terms = method.losses(model, out, y, mask, epoch)
-                opt.zero_grad(set_to_none=True)
-                terms["loss"].backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                method.on_step_end(model)
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
-                n_steps += 1
+            terms = method.fit_epoch(model, opt, ctx, epoch, gen)
             if sched is not None:
                 sched.step()
             row = {
@@ -156,17 +260,15 @@ class Trainer:
                 "fold": split.fold,
                 "epoch": epoch,
                 "lr": opt.param_groups[0]["lr"],
-                **{f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()},
+                **{f"train_{k}": v for k, v in terms.items()},
             }
-            if len(va):
-                pv = predict(model, self.bags.take(va), self.device, self.labels[va], std, cfg.eval_batch_size)
-                row["val_loss"] = pv.loss
-                row["val_auc"] = classification_metrics(self.labels[va], pv.probs)["auc"]
+            if len(ctx.val):
+                row.update(self._validate(model, ctx))
             row["seconds"] = time.perf_counter() - t0
             history.append(row)
             progress.update(task, advance=1, info=_info(row))
 
-            if len(va) and cfg.early_stopping:
+            if len(ctx.val) and cfg.early_stopping:
                 score = row["val_loss"] if cfg.monitor == "val_loss" else -_nan_to(row["val_auc"], -math.inf)
                 if score < best_score:
                     best_score, best_epoch, bad_epochs = score, epoch, 0
@@ -174,7 +276,6 @@ class Trainer:
                 else:
                     bad_epochs += 1
                 if epoch + 1 >= cfg.min_epochs and bad_epochs >= cfg.patience:
-                    progress.advance(task, cfg.epochs - epoch - 1)
                     break
         if best_state is not None:
             model.load_state_dict(best_state)
@@ -182,20 +283,17 @@ class Trainer:
                 row["best"] = row["epoch"] == best_epoch
         return history
 
-    def _train_view(self, bag: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        k = self.cfg.max_instances
-        if k is not None and bag.shape[0] > k:
-            bag = bag[torch.randperm(bag.shape[0], generator=gen)[:k].sort().values]
-        return bag.to(self.device, non_blocking=True)
-
     def _save_checkpoint(self, path: Path, model, std, split: Split, history: list[dict]) -> None:
         ck = {
             "model": self.cfg.model,
             "model_kwargs": self.cfg.model_kwargs,
             "method": self.cfg.method,
+            "method_kwargs": self.cfg.method_kwargs,
+            "method_state": self.method.state(),
+            "task": self.cfg.task,
             "in_dim": self.cohort.in_dim,
             "n_classes": self.n_classes,
-            "classes": self.cohort.manifest.classes,
+            "classes": self.classes,
             "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
             "standardizer": std.state_dict() if std is not None else None,
             "config_hash": self.hash,
@@ -208,8 +306,7 @@ class Trainer:
             torch.save(ck, tmp)
 
 
-def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def _optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
@@ -232,7 +329,16 @@ def _info(row: dict) -> str:
 def load_model(ckpt_path: str | Path, device: str = "cpu") -> tuple[MILModel, dict]:
     """Rebuild a fold's model from its checkpoint; returns ``(model, checkpoint dict)``."""
     ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    model = create_model(ck["model"], ck["in_dim"], ck["n_classes"], **ck.get("model_kwargs", {}))
+    cfg = TrainConfig(
+        model=ck["model"],
+        model_kwargs=ck.get("model_kwargs", {}),
+        method=ck.get("method", "supervised"),
+        method_kwargs=ck.get("method_kwargs", {}),
+        task=ck.get("task", "classification"),
+    )
+    method = create_method(cfg)
+    method.restore(ck.get("method_state") or {})
+    model = method.build(ck["in_dim"], ck["n_classes"])
     model.load_state_dict(ck["state_dict"])
     return model.to(device).eval(), ck
 
@@ -241,7 +347,7 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
     """Train ``cfg.model`` with ``cfg.method`` over the configured folds; write the run folder; return results."""
     out = Path(out)
     device = resolve_device(cfg.device)
-    man = read_manifest(manifest, cfg.classes, cfg.label_column)
+    man = read_manifest(manifest, cfg.classes, cfg.label_column, cfg.task, cfg.survival_bins)
     store = FeatureStore(features)
     splits = (
         read_splits(cfg.splits, man)
@@ -249,8 +355,9 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
         else kfold_splits(man, cfg.folds, cfg.repeats, cfg.val_fraction, cfg.seed)
     )
     cohort = load_cohort(man, store, max_memory_gb=cfg.max_memory_gb)
-    # fail on bad model options now, not after a fold of training
-    create_model(cfg.model, cohort.in_dim, len(man.classes), **cfg.model_kwargs)
+    # fail on bad model or method options now, not after a fold of training
+    trainer = Trainer(cfg, cohort, out, device, man)
+    trainer.method.build(cohort.in_dim, len(man.classes))
     out.mkdir(parents=True, exist_ok=True)
     resolved = {
         **cfg.model_dump(mode="json"),
@@ -262,8 +369,6 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
         "wsimil_version": __version__,
     }
     write_yaml(out / "config.yaml", resolved)
-
-    trainer = Trainer(cfg, cohort, out, device)
     results: list[FoldResult] = []
     console.print(
         f"Training [bold]{cfg.model}[/] ({cfg.method}) on {len(man.slide_ids)} slides, "
@@ -271,27 +376,22 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
     )
     with make_progress() as progress:
         overall = progress.add_task("folds", total=len(splits), info="")
+        key = "c_index" if cfg.task == "survival" else "auc"
         for s in splits:
-            task = progress.add_task(f"repeat {s.repeat} fold {s.fold}", total=cfg.epochs, info="")
-            results.append(trainer.run_fold(s, progress, task))
-            progress.remove_task(task)
-            progress.update(
-                overall, advance=1, info=f"last test auc {_nan_to(results[-1].metrics['auc'], float('nan')):.3f}"
-            )
+            results.append(trainer.run_fold(s, progress))
+            last = _nan_to(results[-1].metrics[key], float("nan"))
+            progress.update(overall, advance=1, info=f"last test {key.replace('_', '-')} {last:.3f}")
 
     rows = []
     for r in results:
-        for sid, p in zip(r.split.test, r.probs, strict=True):
-            y = int(trainer.labels[trainer.pos[sid]])
-            rows.append(
-                {
-                    "slide_id": sid,
-                    "repeat": r.split.repeat,
-                    "fold": r.split.fold,
-                    "label": man.classes[y],
-                    **{f"prob_{c}": float(v) for c, v in zip(man.classes, p, strict=True)},
-                }
-            )
+        for j, (sid, p) in enumerate(zip(r.split.test, r.probs, strict=True)):
+            i = trainer.pos[sid]
+            row = {"slide_id": sid, "repeat": r.split.repeat, "fold": r.split.fold}
+            if cfg.task == "survival":
+                row.update(time=float(trainer.times[i]), event=int(trainer.events[i]), risk=float(r.risk[j]))
+            else:
+                row["label"] = man.classes[int(trainer.labels[i])]
+            rows.append({**row, **{f"prob_{c}": float(v) for c, v in zip(man.classes, p, strict=True)}})
     write_csv(out / "predictions.csv", pd.DataFrame(rows))
     write_csv(out / "history.csv", pd.DataFrame([h for r in results for h in r.history]))
     payload = {
@@ -310,6 +410,12 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
         ],
         "config": resolved,
     }
+    for head in sorted({h for r in results for h in r.head_metrics}):
+        payload[f"metrics_{head}"] = summarize([r.head_metrics[head]["metrics"] for r in results])
+        for f, r in zip(payload["folds"], results, strict=True):
+            f[f"metrics_{head}"] = r.head_metrics[head]["metrics"]
+            if "ci" in r.head_metrics[head]:
+                f[f"ci_{head}"] = r.head_metrics[head]["ci"]
     repeats = sorted({r.split.repeat for r in results})
     if len(repeats) > 1:
         payload["repeat_metrics"] = summarize_repeats([r.metrics for r in results], [r.split.repeat for r in results])

@@ -19,19 +19,26 @@ class MILOutput:
         attention_logits: raw (pre-softmax) attention, ``(B, N)`` or ``(B, H, N)`` for ``H`` heads/branches;
             ``None`` for models without attention. Padded positions hold ``-inf``.
         instance_logits: ``(B, N, C)`` per-instance class logits, or ``None``.
+        extra_logits: further named bag-level predictions ``{head: (B, C_head)}`` that are evaluated beside
+            ``logits`` (WENO's teacher head, HMIL's coarse level), or ``None``.
     """
 
     logits: Tensor
     bag_embedding: Tensor
     attention_logits: Tensor | None = None
     instance_logits: Tensor | None = None
+    extra_logits: dict[str, Tensor] | None = None
 
     def detach(self) -> MILOutput:
         return MILOutput(**{f.name: _detach(getattr(self, f.name)) for f in fields(self)})
 
 
-def _detach(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach()
+def _detach(t):
+    if t is None:
+        return None
+    if isinstance(t, dict):
+        return {k: v.detach() for k, v in t.items()}
+    return t.detach()
 
 
 class MILModel(nn.Module):
@@ -46,6 +53,8 @@ class MILModel(nn.Module):
     loss_weights: dict[str, float] = {"bag": 1.0}
     #: True if the output does not depend on the order of instances within a bag.
     permutation_invariant: bool = True
+    #: which output scores instances for instance AUC and heatmaps: "attention" or "instance" (logits)
+    instance_score: str = "attention"
 
     def aux_losses(self, out: MILOutput, y: Tensor, mask: Tensor) -> dict[str, Tensor]:
         return {}
