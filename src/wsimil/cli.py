@@ -63,6 +63,9 @@ def train(
         list[str] | None,
         typer.Option("--model-opt", help="Model option KEY=VALUE (repeatable), e.g. dropout=0.1."),
     ] = None,
+    label_column: Annotated[
+        str | None, typer.Option(help="Manifest column with the slide label. " + _default("label_column"))
+    ] = None,
     task: Annotated[
         str | None,
         typer.Option(help="classification, or survival (manifest columns time,event). " + _default("task")),
@@ -112,6 +115,7 @@ def train(
         model=model,
         method=method,
         task=task,
+        label_column=label_column,
         model_kwargs=_key_values(model_opt, "--model-opt") or None,
         method_kwargs=method_kwargs or None,
         folds=folds,

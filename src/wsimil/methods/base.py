@@ -67,6 +67,8 @@ class TrainingMethod:
     name = "base"
     #: default options of ``cfg.method_kwargs``; unknown keys are rejected with the list of known ones
     defaults: dict[str, Any] = {}
+    #: manifest column holding the label when the user leaves ``label_column`` at its default (HMIL: fine_label)
+    label_column: str | None = None
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg

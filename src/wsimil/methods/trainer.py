@@ -347,7 +347,10 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
     """Train ``cfg.model`` with ``cfg.method`` over the configured folds; write the run folder; return results."""
     out = Path(out)
     device = resolve_device(cfg.device)
-    man = read_manifest(manifest, cfg.classes, cfg.label_column, cfg.task, cfg.survival_bins)
+    label_column = cfg.label_column
+    if label_column == "label" and create_method(cfg).label_column:
+        label_column = create_method(cfg).label_column
+    man = read_manifest(manifest, cfg.classes, label_column, cfg.task, cfg.survival_bins)
     store = FeatureStore(features)
     splits = (
         read_splits(cfg.splits, man)
