@@ -37,7 +37,7 @@ class ExtractSettings:
     batch_size: int = 64
     workers: int = 0
     precision: str = "fp32"
-    reader: str = "openslide"
+    reader: str = "auto"
     block: int = 4  # cells per side of one read; OpenSlide slows down on much larger regions
     seed: int = 0
 

@@ -71,7 +71,7 @@ class SlidePatchBlocks(torch.utils.data.Dataset):
     """Item ``k`` = ``(patches uint8 (n_k, ps, ps, 3), indices (n_k,))`` for block ``k`` of one slide. Each
     DataLoader worker opens its own slide handle."""
 
-    def __init__(self, grid: PatchGrid, reader: str = "openslide", mpp: float | None = None, block: int = 4):
+    def __init__(self, grid: PatchGrid, reader: str = "auto", mpp: float | None = None, block: int = 4):
         self.grid, self.reader, self.mpp, self.block = grid, reader, mpp, block
         self.blocks = plan_blocks(grid.cells, block)
         self._slide = None

@@ -49,7 +49,7 @@ class SlideSpec:
 class TileSettings:
     mags: list[float]
     patch_size: int = 256
-    reader: str = "openslide"
+    reader: str = "auto"
     mpp: float | None = None  # override for every slide (a per-slide 'mpp' column wins)
     min_tissue: float = 0.1
     tissue: TissueParams = field(default_factory=TissueParams)

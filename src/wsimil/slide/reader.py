@@ -226,19 +226,45 @@ class TiffSlideReader(SlideReader):
             img = self._s.read_region((x, y), level, (w, h), as_array=True)
         except Exception as e:  # noqa: BLE001
             raise WsimilError(f"slide {self.slide_id!r}: read at ({x}, {y}) level {level} failed: {e}") from e
-        return _rgba_to_rgb(np.asarray(img))
+        img = _rgba_to_rgb(np.asarray(img))
+        # outside the image tiffslide returns black, OpenSlide transparent (= white here): match OpenSlide
+        lw, lh = self.level_dimensions[level]
+        ds = self.level_downsamples[level]
+        x0, y0 = int(np.floor(x / ds)), int(np.floor(y / ds))
+        inside_w, inside_h = max(0, min(w, lw - x0)), max(0, min(h, lh - y0))
+        if inside_w < w or inside_h < h or x0 < 0 or y0 < 0:
+            img = np.array(img, copy=True)
+            img[inside_h:, :] = 255
+            img[:, inside_w:] = 255
+            img[: max(0, -y0), :] = 255
+            img[:, : max(0, -x0)] = 255
+        return img
 
     def close(self) -> None:
         self._s.close()
 
 
 READERS: dict[str, type[SlideReader]] = {"openslide": OpenSlideReader, "tiffslide": TiffSlideReader}
+#: reader choices: ``auto`` resolves per slide (see :func:`open_slide`)
+READER_CHOICES = ("auto", *READERS)
+#: formats ``auto`` reads with tiffslide: plain TIFF containers whose tiles tiffslide decodes pixel-identically to
+#: OpenSlide at level-aligned positions (tested), ~4x faster for block reads (benchmarks/pipeline.py)
+TIFF_SUFFIXES = (".svs", ".tif", ".tiff")
 
 
 def open_slide(
-    path: str | Path, backend: str = "openslide", mpp: float | None = None, slide_id: str | None = None
+    path: str | Path, backend: str = "auto", mpp: float | None = None, slide_id: str | None = None
 ) -> SlideReader:
-    """Open a slide with the named backend (``openslide`` or ``tiffslide``)."""
-    if backend not in READERS:
-        raise WsimilError(f"unknown slide reader {backend!r}; choose from {', '.join(READERS)}")
+    """Open a slide with the named backend: ``openslide``, ``tiffslide``, or ``auto`` — tiffslide for SVS/TIFF
+    files it can open, OpenSlide for every other format (and for TIFFs tiffslide rejects). ``reader.backend``
+    names the backend that was used."""
+    if backend not in READER_CHOICES:
+        raise WsimilError(f"unknown slide reader {backend!r}; choose from {', '.join(READER_CHOICES)}")
+    if backend == "auto":
+        if Path(path).suffix.lower() in TIFF_SUFFIXES:
+            try:
+                return TiffSlideReader(path, mpp=mpp, slide_id=slide_id)
+            except WsimilError:
+                pass  # OpenSlide may still read it (or gives its own, clearer error)
+        backend = "openslide"
     return READERS[backend](path, mpp=mpp, slide_id=slide_id)
