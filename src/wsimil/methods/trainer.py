@@ -118,7 +118,7 @@ class FoldContext:
         the teacher initialisation of MHIM-MIL. ``overrides`` change config fields (e.g. ``epochs``)."""
         t = self.trainer
         cfg = t.cfg.model_copy(update={"method": "supervised", "method_kwargs": {}, **overrides})
-        sub = Trainer(cfg, t.cohort, t.out / "baseline", t.device, t.manifest)
+        sub = Trainer(cfg, t.cohort, t.out / "baseline", t.device, t.manifest, t.bags)
         model, std, _ = sub.train_fold(self.split, self.progress, label="baseline ")
         return model, std
 
@@ -136,7 +136,15 @@ def config_hash(cfg: TrainConfig, extra: dict) -> str:
 class Trainer:
     """Trains ``cfg.method`` fold by fold on one cohort; ``run_fold`` = ``train_fold`` + test-set evaluation."""
 
-    def __init__(self, cfg: TrainConfig, cohort: Cohort, out_dir: Path, device: str, manifest: Manifest | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        cohort: Cohort,
+        out_dir: Path,
+        device: str,
+        manifest: Manifest | None = None,
+        bags: BagTensors | None = None,
+    ):
         self.cfg, self.cohort, self.out, self.device = cfg, cohort, out_dir, device
         self.manifest = m = manifest if manifest is not None else cohort.manifest
         self.ids = m.slide_ids
@@ -146,7 +154,7 @@ class Trainer:
         self.n_classes = len(m.classes)
         self.events = m.df["event"].to_numpy(dtype=np.float32) if cfg.task == "survival" else None
         self.times = m.df["time"].to_numpy(dtype=np.float32) if cfg.task == "survival" else None
-        self.bags = BagTensors(cohort, self.ids, pin_memory=device.startswith("cuda"))
+        self.bags = bags if bags is not None else BagTensors(cohort, self.ids, pin_memory=device.startswith("cuda"))
         self.inst_labels = [cohort.bags[sid].instance_labels for sid in self.ids]
         self.method = create_method(cfg)
         self.method.prepare(m)
