@@ -158,3 +158,51 @@ def test_padded_standardisation_in_place_matches_out_of_place():
     before = bags[0].clone()
     std.apply_padded(single, m1, owned=False)
     torch.testing.assert_close(bags[0], before)  # a batch of one is a view of the stored bag: never modified
+
+
+def test_method_interface_extra_heads_options_and_baseline_fold(digit_cohort, tmp_path):
+    """A method plugs in through the registry: its options are validated, its setup can train the same fold's
+    supervised baseline, and every extra output head is scored as metrics_<head>."""
+    from dataclasses import replace
+
+    from wsimil.methods.base import TrainingMethod, register_method
+
+    seen = {}
+
+    @register_method("_test_heads")
+    class Heads(TrainingMethod):
+        """Test method: supervised loss, plus a second head that is the negated logits."""
+
+        defaults = {"scale": 1.0}
+
+        def build(self, in_dim, n_classes):
+            model = super().build(in_dim, n_classes)
+            forward = model.forward
+
+            def with_head(x, mask=None):
+                out = forward(x, mask)
+                return replace(out, extra_logits={"flipped": -out.logits * self.opts["scale"]})
+
+            model.forward = with_head
+            return model
+
+        def setup(self, model, ctx):
+            base, _ = ctx.baseline(epochs=1)
+            seen[ctx.split.fold] = (len(ctx.train), type(base).__name__)
+
+        def losses(self, model, out, batch, epoch):
+            loss = self.bag_loss(out.logits, batch)
+            return {"loss": loss, "ce": loss.detach()}
+
+    feats, manifest = digit_cohort
+    with pytest.raises(WsimilError, match="has no option.*bogus.*known options: scale"):
+        run_training(load_config(method="_test_heads", method_kwargs={"bogus": 1}, **FAST), feats, manifest, tmp_path)
+    cfg = load_config(method="_test_heads", method_kwargs={"scale": 2.0}, **{**FAST, "folds": 2, "epochs": 2})
+    res = run_training(cfg, feats, manifest, tmp_path / "run")
+    assert set(seen) == {0, 1} and seen[0][1] == "ABMIL"
+    assert len(list((tmp_path / "run" / "baseline" / "checkpoints").glob("*.pt"))) == 2
+    # the flipped head ranks every slide in reverse: its AUC is 1 − the main AUC, fold by fold
+    for f in res["folds"]:
+        assert f["metrics_flipped"]["auc"] == pytest.approx(1 - f["metrics"]["auc"])
+    assert set(res["metrics_flipped"]) >= {"auc", "accuracy"} and "ci_flipped" in res["folds"][0]
+    assert "train_ce" in pd.read_csv(tmp_path / "run" / "history.csv").columns
