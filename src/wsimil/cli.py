@@ -203,13 +203,24 @@ def synth(
     height: Annotated[int, typer.Option(help="Level-0 height in pixels.")] = 8192,
     mpp: Annotated[float, typer.Option(help="Level-0 µm/px (0.25 = 40x scan, 0.5 = 20x scan).")] = 0.25,
     tumor_fraction: Annotated[float, typer.Option(help="Tumour share of tissue in positive slides.")] = 0.03,
+    task: Annotated[
+        str,
+        typer.Option(
+            help="classification (label 0/1, half positive), hierarchical (fine_label/coarse_label: 2 coarse x 2 "
+            "fine classes) or survival (time,event; hazard rises with tumour burden)."
+        ),
+    ] = "classification",
 ) -> None:
     """Write a synthetic cohort of pyramidal slides with tumour masks (for demos, tests and benchmarks)."""
     from wsimil.progress import console
-    from wsimil.slide.synth import make_cohort
+    from wsimil.slide.synth import TASKS, make_cohort
 
-    make_cohort(out, slides, seed, width, height, mpp, app_mag=int(round(10 / mpp)), tumor_fraction=tumor_fraction)
-    console.print(f"Wrote {slides} slides to {out / 'slides'} and {out / 'manifest.csv'}")
+    if task not in TASKS:
+        raise WsimilError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    make_cohort(
+        out, slides, seed, width, height, mpp, app_mag=int(round(10 / mpp)), tumor_fraction=tumor_fraction, task=task
+    )
+    console.print(f"Wrote {slides} slides ({task}) to {out / 'slides'} and {out / 'manifest.csv'}")
 
 
 @app.command()

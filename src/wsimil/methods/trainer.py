@@ -372,6 +372,7 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
     out.mkdir(parents=True, exist_ok=True)
     resolved = {
         **cfg.model_dump(mode="json"),
+        "label_column": label_column,  # the column actually read (a method may default it, e.g. HMIL)
         "classes": man.classes,
         "in_dim": cohort.in_dim,
         "features": str(Path(features).resolve()),
@@ -421,6 +422,9 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
         ],
         "config": resolved,
     }
+    primary = getattr(trainer.method, "primary_head", None)  # e.g. HMIL: "metrics" are the fine level's
+    if primary:
+        payload[f"metrics_{primary}"] = payload["metrics"]
     for head in sorted({h for r in results for h in r.head_metrics}):
         payload[f"metrics_{head}"] = summarize([r.head_metrics[head]["metrics"] for r in results])
         for f, r in zip(payload["folds"], results, strict=True):

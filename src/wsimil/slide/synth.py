@@ -8,7 +8,9 @@ ones but a coarse chromatin texture with a period of ~1 µm and a nucleolus, cle
 away at 5× (2 µm/px), where only a faint difference in nuclear density remains.
 
 Outputs of :func:`make_cohort`: ``DIR/slides/{slide_id}.svs``, ``DIR/masks/{slide_id}_tumor.png`` (tumour mask at
-``MASK_DOWNSAMPLE`` level-0 px per mask px) and ``DIR/manifest.csv`` (``case_id,slide_id,label,path``).
+``MASK_DOWNSAMPLE`` level-0 px per mask px) and ``DIR/manifest.csv`` (``case_id,slide_id,label,path,tumor_mask,…``).
+Besides binary classification, ``task="hierarchical"`` writes fine/coarse labels (two subtly different fine classes
+per coarse class) and ``task="survival"`` writes ``time,event`` whose hazard rises with the tumour burden.
 """
 
 from __future__ import annotations
@@ -23,6 +25,16 @@ from wsimil.io import atomic_path, write_csv, write_json
 from wsimil.progress import track
 
 MASK_DOWNSAMPLE = 16
+#: lesion kinds of :func:`render_slide` → extra nuclear density inside the foci (fraction of the stroma's)
+LESIONS = {"tumor": 0.25, "high_grade": 0.25, "hyperplasia": 1.0}
+TASKS = ("classification", "hierarchical", "survival")
+#: hierarchical cohort: fine class → (coarse class, lesion or None for no lesion)
+HIERARCHY = {
+    "normal": ("benign", None),
+    "hyperplasia": ("benign", "hyperplasia"),
+    "low_grade": ("malignant", "tumor"),
+    "high_grade": ("malignant", "high_grade"),
+}
 BACKGROUND = np.array([243, 242, 245], dtype=np.float32)
 STROMA = np.array([232, 178, 208], dtype=np.float32)
 NUCLEUS = np.array([92, 58, 140], dtype=np.float32)
@@ -31,7 +43,7 @@ NUCLEUS = np.array([92, 58, 140], dtype=np.float32)
 @dataclass
 class SynthSlide:
     slide_id: str
-    label: int
+    label: int | str  # hierarchical task: the fine class name
     path: Path
     mask_path: Path
     tumor_fraction: float  # of tissue area
@@ -66,12 +78,15 @@ def _tumor_mask(rng, tissue: np.ndarray, fraction: float, n_foci: int) -> np.nda
     return mask & tissue
 
 
-def _sprites(rng, n: int, tumor: bool, px_per_um: float) -> list[tuple[np.ndarray, np.ndarray]]:
+def _sprites(rng, n: int, tumor: bool, px_per_um: float, grade: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
     """Nucleus stamps ``(alpha (s, s), colour (s, s, 3))``. Normal: smooth, evenly stained. Tumour: same mean
-    colour, slightly larger, with a chromatin checker texture of period ~1 µm and a dark nucleolus."""
+    colour, slightly larger, with a chromatin checker texture of period ~1 µm and a dark nucleolus. ``grade=2``
+    (high-grade tumour): larger nuclei, stronger chromatin contrast and a larger nucleolus, from the same random
+    draws."""
+    hi = tumor and grade >= 2
     out = []
     for _ in range(n):
-        r_um = rng.uniform(3.4, 4.4) if tumor else rng.uniform(2.8, 3.6)
+        r_um = (rng.uniform(4.4, 5.6) if hi else rng.uniform(3.4, 4.4)) if tumor else rng.uniform(2.8, 3.6)
         ecc = rng.uniform(0.75, 1.0)
         r = r_um * px_per_um
         s = int(np.ceil(2 * r + 4))
@@ -87,9 +102,9 @@ def _sprites(rng, n: int, tumor: bool, px_per_um: float) -> list[tuple[np.ndarra
             period = max(2.0, 2.0 * px_per_um)  # 2 µm: 4 px at 20x (kept after resizing to 224), 1 px at 5x
             phase = rng.uniform(0, 2 * np.pi, 2)
             tex = np.sign(np.sin(2 * np.pi * xx / period + phase[0]) * np.sin(2 * np.pi * yy / period + phase[1]))
-            colour = colour * (1.0 + 0.6 * tex[..., None])
+            colour = colour * (1.0 + (0.8 if hi else 0.6) * tex[..., None])
             cy, cx = rng.uniform(-0.3, 0.3, 2) * r
-            nucleolus = (yy - cy) ** 2 + (xx - cx) ** 2 <= (0.22 * r) ** 2
+            nucleolus = (yy - cy) ** 2 + (xx - cx) ** 2 <= ((0.32 if hi else 0.22) * r) ** 2
             colour[nucleolus] = NUCLEUS * 0.45
         out.append((alpha.astype(np.float32), np.clip(colour, 0, 255).astype(np.float32)))
     return out
@@ -103,9 +118,16 @@ def render_slide(
     positive: bool = False,
     tumor_fraction: float = 0.03,
     n_foci: int | None = None,
+    lesion: str = "tumor",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Render level 0 ``(H, W, 3)`` uint8 and return it with the tissue and tumour masks at ``MASK_DOWNSAMPLE``."""
+    """Render level 0 ``(H, W, 3)`` uint8 and return it with the tissue and tumour (lesion) masks at
+    ``MASK_DOWNSAMPLE``. ``lesion`` (when ``positive``) picks what the foci hold: ``tumor`` (textured tumour nuclei,
+    25% denser), ``high_grade`` (larger high-grade tumour nuclei, 25% denser) or ``hyperplasia`` (normal nuclei,
+    twice as dense)."""
     import cv2
+
+    if lesion not in LESIONS:
+        raise ValueError(f"unknown lesion {lesion!r}; choose from {sorted(LESIONS)}")
 
     rng = np.random.default_rng(seed)
     mh, mw = -(-height // MASK_DOWNSAMPLE), -(-width // MASK_DOWNSAMPLE)
@@ -137,6 +159,9 @@ def render_slide(
     px_per_um = 1.0 / mpp
     normal_sprites = _sprites(rng, 48, False, px_per_um)
     tumor_sprites = _sprites(rng, 48, True, px_per_um)
+    lesion_sprites = {"tumor": tumor_sprites, "hyperplasia": normal_sprites}.get(lesion)
+    if lesion_sprites is None:  # drawn after the default sprites so the default slide's random stream is unchanged
+        lesion_sprites = _sprites(rng, 48, True, px_per_um, grade=2)
     spacing_um = 11.0  # mean distance between nuclei in stroma; tumour foci are a little denser
     area_um2 = width * height * mpp * mpp
     n = rng.poisson(area_um2 / spacing_um**2)
@@ -145,7 +170,7 @@ def render_slide(
     if positive:  # +25% nuclei inside tumour foci: the faint cue that survives at low magnification
         ty, tx = np.nonzero(tumor)
         if len(ty):
-            k = rng.poisson(0.25 * len(ty) * (MASK_DOWNSAMPLE * mpp) ** 2 / spacing_um**2)
+            k = rng.poisson(LESIONS[lesion] * len(ty) * (MASK_DOWNSAMPLE * mpp) ** 2 / spacing_um**2)
             j = rng.integers(len(ty), size=k)
             extra = np.stack(
                 [(tx[j] + rng.uniform(0, 1, k)) * MASK_DOWNSAMPLE, (ty[j] + rng.uniform(0, 1, k)) * MASK_DOWNSAMPLE], 1
@@ -157,7 +182,7 @@ def render_slide(
         if not tissue[min(my, mh - 1), min(mx, mw - 1)]:
             continue
         is_tumor = positive and tumor[min(my, mh - 1), min(mx, mw - 1)]
-        alpha, colour = (tumor_sprites if is_tumor else normal_sprites)[rng.integers(48)]
+        alpha, colour = (lesion_sprites if is_tumor else normal_sprites)[rng.integers(48)]
         s = alpha.shape[0]
         x0, y0 = int(x) - s // 2, int(y) - s // 2
         xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + s, width), min(y0 + s, height)
@@ -220,6 +245,46 @@ def write_aperio_tiff(
     return Path(path)
 
 
+def _slide_plan(task: str, n_slides: int, seed: int, pos_fraction: float, tumor_fraction: float) -> list[dict]:
+    """Per slide: ``label``, ``positive``, ``lesion``, ``tumor_fraction`` and the task's extra manifest columns."""
+    rng = np.random.default_rng(seed)
+    if task == "classification":
+        n_pos = int(round(n_slides * pos_fraction))
+        labels = rng.permutation([1] * n_pos + [0] * (n_slides - n_pos))
+        return [
+            {"label": int(y), "positive": bool(y), "lesion": "tumor", "tumor_fraction": tumor_fraction, "columns": {}}
+            for y in labels
+        ]
+    if task == "hierarchical":
+        names = list(HIERARCHY)
+        fine = rng.permutation([names[i % len(names)] for i in range(n_slides)])
+        plan = []
+        for f in fine:
+            coarse, lesion = HIERARCHY[str(f)]
+            plan.append(
+                {
+                    "label": str(f),
+                    "positive": lesion is not None,
+                    "lesion": lesion or "tumor",
+                    "tumor_fraction": tumor_fraction,
+                    "columns": {"fine_label": str(f), "coarse_label": coarse},
+                }
+            )
+        return plan
+    # survival: target burdens spread evenly over [0, 3·tumor_fraction]; the lowest sixth carry no tumour
+    target = rng.permutation(np.linspace(0.0, 3.0 * tumor_fraction, n_slides))
+    return [
+        {
+            "label": int(t >= 0.5 * tumor_fraction),
+            "positive": bool(t >= 0.5 * tumor_fraction),
+            "lesion": "tumor",
+            "tumor_fraction": float(t),
+            "columns": {},
+        }
+        for t in target
+    ]
+
+
 def make_cohort(
     out: str | Path,
     n_slides: int = 40,
@@ -230,56 +295,68 @@ def make_cohort(
     app_mag: int = 40,
     tumor_fraction: float = 0.03,
     pos_fraction: float = 0.5,
+    task: str = "classification",
 ) -> list[SynthSlide]:
-    """Write a synthetic cohort (half positive by default) and its manifest; returns the slides."""
+    """Write a synthetic cohort and its manifest; returns the slides. ``task``:
+
+    - ``classification`` (default): ``pos_fraction`` of the slides hold tumour foci; ``label`` 1/0.
+    - ``hierarchical``: four fine classes in two coarse ones (:data:`HIERARCHY`), balanced: ``normal`` (no lesion)
+      and ``hyperplasia`` (foci of twice-as-dense normal nuclei) under ``benign``; ``low_grade`` (the default
+      tumour) and ``high_grade`` (larger nuclei, stronger chromatin texture and a larger nucleolus) under
+      ``malignant``. Fine classes differ subtly within a coarse class (nuclear density or nuclear detail at the
+      same focus size). Columns ``label`` (= fine class), ``fine_label``, ``coarse_label``; the tumour mask marks
+      every lesion.
+    - ``survival``: tumour burden (tumour share of the tissue) spread from 0 to about ``3·tumor_fraction``;
+      ``time,event`` (months) from an exponential model whose hazard rises with the burden (×e per
+      ``1.4·tumor_fraction`` more burden) with uniform censoring (:func:`wsimil.data.synthetic.survival_times`).
+      Columns ``time``, ``event``, ``burden`` and ``label`` (1 = any tumour).
+
+    The default task writes exactly the same files as before the other tasks existed (same seed, same bytes)."""
     from PIL import Image
 
+    if task not in TASKS:
+        raise ValueError(f"unknown synthetic task {task!r}; choose from {', '.join(TASKS)}")
     out = Path(out)
-    slides = []
-    n_pos = int(round(n_slides * pos_fraction))
-    labels = np.random.default_rng(seed).permutation([1] * n_pos + [0] * (n_slides - n_pos))
+    slides, rows = [], []
+    plan = _slide_plan(task, n_slides, seed, pos_fraction, tumor_fraction)
     for i in track(range(n_slides), "Synthesising slides"):
         sid = f"synth_{i:04d}"
+        p = plan[i]
         img, tissue, tumor = render_slide(
             int(np.random.SeedSequence([seed, i]).generate_state(1)[0]),
             width,
             height,
             mpp,
-            bool(labels[i]),
-            tumor_fraction,
+            p["positive"],
+            p["tumor_fraction"],
+            lesion=p["lesion"],
         )
         path = write_aperio_tiff(out / "slides" / f"{sid}.svs", img, mpp, app_mag)
         mask_path = out / "masks" / f"{sid}_tumor.png"
         with atomic_path(mask_path) as tmp:
             Image.fromarray((tumor * 255).astype(np.uint8)).save(tmp, format="PNG")
-        slides.append(SynthSlide(sid, int(labels[i]), path, mask_path, float(tumor.sum() / max(tissue.sum(), 1))))
-    write_csv(
-        out / "manifest.csv",
-        pd.DataFrame(
-            [
-                {
-                    "case_id": s.slide_id,
-                    "slide_id": s.slide_id,
-                    "label": s.label,
-                    "path": str(s.path.resolve()),
-                    "tumor_mask": str(s.mask_path.resolve()),
-                    "mask_downsample": MASK_DOWNSAMPLE,
-                }
-                for s in slides
-            ]
-        ),
-    )
-    write_json(
-        out / "cohort.json",
-        {
-            "n_slides": n_slides,
-            "seed": seed,
-            "width": width,
-            "height": height,
-            "mpp": mpp,
-            "app_mag": app_mag,
-            "tumor_fraction": tumor_fraction,
-            "mask_downsample": MASK_DOWNSAMPLE,
-        },
-    )
+        burden = float(tumor.sum() / max(tissue.sum(), 1))
+        slides.append(SynthSlide(sid, p["label"], path, mask_path, burden))
+        rows.append({"case_id": sid, "slide_id": sid, "label": p["label"], **p["columns"]})
+    if task == "survival":
+        from wsimil.data.synthetic import survival_times
+
+        burden = np.array([s.tumor_fraction for s in slides])
+        time, event = survival_times(burden / tumor_fraction, np.random.default_rng([seed, 3]), log_hazard_ratio=0.7)
+        for r, t, e, b in zip(rows, time, event, burden, strict=True):
+            r.update(time=float(t), event=int(e), burden=round(float(b), 6))
+    for r, s in zip(rows, slides, strict=True):
+        r.update(path=str(s.path.resolve()), tumor_mask=str(s.mask_path.resolve()), mask_downsample=MASK_DOWNSAMPLE)
+    write_csv(out / "manifest.csv", pd.DataFrame(rows))
+    info = {
+        "n_slides": n_slides,
+        "seed": seed,
+        "width": width,
+        "height": height,
+        "mpp": mpp,
+        "app_mag": app_mag,
+        "tumor_fraction": tumor_fraction,
+        "mask_downsample": MASK_DOWNSAMPLE,
+    }
+    write_json(out / "cohort.json", info if task == "classification" else {**info, "task": task})
     return slides
