@@ -345,6 +345,128 @@ def demo(
     run_demo(out, seed=seed, epochs=epochs, device=device, n_slides=slides)
 
 
+@app.command()
+@_user_errors
+def predict(
+    model: Annotated[Path, typer.Option(help="Model bundle (RUN/bundle, written by `wsimil train`).")],
+    out: Annotated[Path, typer.Option(help="Output folder: predictions.csv, scores/, status.csv, job/ (cache).")],
+    slides: Annotated[
+        str | None, typer.Option(help="A slide folder, a CSV with a 'path' column, or one slide file.")
+    ] = None,
+    features: Annotated[
+        Path | None, typer.Option(help="Score a feature folder instead of slides (same encoder as the bundle).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    backend: Annotated[str, typer.Option(help="Feature extraction: local, or ray (one task per slide).")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address; default: start Ray locally.")] = None,
+    workers: Annotated[int, typer.Option(help="Slides tiled in parallel.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Patches per encoder batch.")] = 64,
+    encoder_weights: Annotated[
+        Path | None, typer.Option(help="Where the bundle's encoder weights file is now (checked by checksum).")
+    ] = None,
+    mpp: Annotated[float | None, typer.Option(help="Level-0 µm/px for slides whose metadata lacks it.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Redo tiles and features already cached in OUT/job.")] = False,
+) -> None:
+    """Predict new slides with a model bundle: tile → encode → aggregate (cached tiles and features are reused).
+
+    Writes OUT/predictions.csv (slide_id, prob_<class>…, predicted), per-patch scores OUT/scores/{slide_id}.h5 and
+    OUT/status.csv. Exits with status 1 if any slide failed (after finishing all others)."""
+    from wsimil.inference import predict_features, predict_slides
+    from wsimil.progress import console
+
+    if (slides is None) == (features is None):
+        raise WsimilError("give exactly one of --slides (slide files) or --features (a feature folder)")
+    if features is not None:
+        table = predict_features(model, features, out, device=device)
+    else:
+        table = predict_slides(
+            model,
+            slides,
+            out,
+            device=device,
+            backend=backend,
+            ray_address=ray_address,
+            workers=workers,
+            batch_size=batch_size,
+            encoder_weights=encoder_weights,
+            mpp=mpp,
+            overwrite=overwrite,
+        )
+    console.print(f"Predictions: {out / 'predictions.csv'}  per-patch scores: {out / 'scores'}", soft_wrap=True)
+    _report_batch(table, "Predicted", out, out / "status.csv")
+
+
+@app.command()
+@_user_errors
+def heatmap(
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs ({slide_id}__{map}.png).")],
+    model: Annotated[
+        Path | None, typer.Option(help="Model bundle: predict --slides first (cache in OUT/predict).")
+    ] = None,
+    slides: Annotated[
+        str | None, typer.Option(help="Slides (folder, CSV with 'path', or file); with --predictions/--run: where.")
+    ] = None,
+    predictions: Annotated[Path | None, typer.Option(help="An output folder of `wsimil predict`.")] = None,
+    run: Annotated[Path | None, typer.Option(help="A training run: each slide scored by its held-out fold.")] = None,
+    map_name: Annotated[
+        list[str] | None, typer.Option("--map", help="Map(s) to draw, e.g. attention:tumour (default: all).")
+    ] = None,
+    size: Annotated[int, typer.Option(help="PNG width in pixels.")] = 1600,
+    top_k: Annotated[int, typer.Option(help="Top-scoring patches shown as a strip.")] = 8,
+    scale: Annotated[
+        str, typer.Option(help="auto (attention: percentile in slide; probabilities: 0-1), rank, minmax, absolute.")
+    ] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda ... (with --model/--run)")] = "auto",
+    mpp: Annotated[float | None, typer.Option(help="Level-0 µm/px for slides whose metadata lacks it.")] = None,
+) -> None:
+    """Draw attention / instance-score heatmaps over slide thumbnails, with tissue contours and the top-k patches.
+
+    One of: --model BUNDLE --slides X (predicts first, reusing its cache), --predictions DIR, or --run RUN.
+    Multi-class models get one map per class (HMIL: both levels). Exits 1 if any slide failed."""
+    from wsimil.progress import console
+    from wsimil.viz.heatmap import heatmaps_for_predictions, heatmaps_for_run
+
+    if sum(x is not None for x in (model, predictions, run)) != 1:
+        raise WsimilError("give exactly one of --model (with --slides), --predictions or --run")
+    kw = {"size": size, "k": top_k, "scale": scale}
+    if model is not None:
+        from wsimil.inference import predict_slides
+
+        if slides is None:
+            raise WsimilError("--model needs --slides (the slides to predict and draw)")
+        predictions = out / "predict"
+        predict_slides(model, slides, predictions, device=device, mpp=mpp)
+        slides = None
+    if run is not None:
+        pngs, failed = heatmaps_for_run(run, out, map_name, slides, **kw)
+    else:
+        pngs, failed = heatmaps_for_predictions(predictions, out, map_name, slides, **kw)
+    console.print(f"Wrote {len(pngs)} heatmap(s) to {out}", soft_wrap=True)
+    for sid, err in failed.items():
+        console.print(f"[red]failed[/] {sid}: {err}", highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_user_errors
+def report(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `wsimil train`.")],
+    out: Annotated[Path | None, typer.Option(help="HTML file to write (default: RUN/report.html).")] = None,
+    slides: Annotated[
+        str | None, typer.Option(help="Where the slides are (folder or CSV with 'path'), for heatmaps.")
+    ] = None,
+    max_heatmaps: Annotated[int, typer.Option(help="Slides with a heatmap (0: none).")] = 40,
+    heatmap_size: Annotated[int, typer.Option(help="Heatmap width in pixels.")] = 900,
+) -> None:
+    """Write one self-contained HTML report of a run: metrics with CIs, curves, calibration, per-slide heatmaps."""
+    from wsimil.progress import console
+    from wsimil.report import build_report
+
+    path = build_report(run, out, slides, max_heatmaps, heatmap_size)
+    console.print(f"Report: {path.resolve()}", soft_wrap=True)
+
+
 def _report_batch(table, verb: str, out: Path, status_csv: Path) -> None:
     """Summarise a per-slide batch, list each failed slide with its error, exit 1 if any failed."""
     from wsimil.progress import console

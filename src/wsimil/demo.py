@@ -1,7 +1,8 @@
 """``wsimil demo``: the most complete pipeline that exists, end to end on built-in data, in a few minutes on CPU.
 
 synthetic slides → tissue detection and paired tiling at 20× and 5× → ResNet-18 features at both magnifications
-→ 5-fold ABMIL at each → results (the 20×/5× gap is what LRMIL closes).
+→ 5-fold ABMIL at each → results (the 20×/5× gap is what LRMIL closes) → the 20× model as a bundle
+(``DIR/bundle/``, for ``wsimil predict``) and an HTML report with heatmaps (``DIR/report.html``).
 
 No network is used: the encoder is randomly initialised from a fixed seed (a random CNN still separates the
 synthetic tumour texture at 20×); pass real weights to ``wsimil extract`` for real data.
@@ -13,10 +14,12 @@ import time
 import warnings
 from pathlib import Path
 
+from wsimil.bundle import bundle_from_run
 from wsimil.config import load_config
 from wsimil.features.extract import ExtractSettings, features_dir, run_extraction
 from wsimil.methods.trainer import run_training
 from wsimil.progress import console
+from wsimil.report import build_report
 from wsimil.slide.job import TileSettings, run_tiling
 from wsimil.slide.synth import make_cohort
 
@@ -37,23 +40,23 @@ def run_demo(
     t_start = time.perf_counter()
     console.rule("[bold]wsimil demo")
     console.print(
-        f"1/4 Synthesising {n_slides} slides ({width}×{height} px at 0.25 µm/px, half with small tumour foci)"
+        f"1/5 Synthesising {n_slides} slides ({width}×{height} px at 0.25 µm/px, half with small tumour foci)"
     )
     make_cohort(out / "cohort", n_slides, seed, width, height)
     manifest = out / "cohort" / "manifest.csv"
-    console.print("2/4 Finding tissue and tiling at 20x and 5x on nested grids (with links between them)")
+    console.print("2/5 Finding tissue and tiling at 20x and 5x on nested grids (with links between them)")
     job = out / "job"
     table = run_tiling(manifest, job, TileSettings(mags=[20, 5]), workers=1)
     n20, n5 = int(table["patches_20x"].sum()), int(table["patches_5x"].sum())
     console.print(f"    {n20} patches at 20x, {n5} at 5x ({n20 / max(n5, 1):.1f}x fewer to read at 5x)")
-    console.print("3/4 Encoding patches with ResNet-18 (random weights, seed 0: no download)")
+    console.print("3/5 Encoding patches with ResNet-18 (random weights, seed 0: no download)")
     results = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         for mag in (20, 5):
             st = ExtractSettings(mag=mag, encoder="resnet18", device=dev, batch_size=64, seed=seed)
             run_extraction(job, st)
-    console.print("4/4 Training ABMIL with 5-fold cross-validation at each magnification")
+    console.print("4/5 Training ABMIL with 5-fold cross-validation at each magnification")
     for mag in (20, 5):
         st = ExtractSettings(mag=mag, encoder="resnet18")
         cfg = load_config(
@@ -68,6 +71,9 @@ def run_demo(
             bootstrap=200,
         )
         results[mag] = run_training(cfg, features_dir(job, st, 256), manifest, out / f"run_{mag:g}x")
+    console.print("5/5 Writing the 20x model bundle and the HTML report (out-of-fold heatmaps of every slide)")
+    bundle = bundle_from_run(out / "run_20x", out / "bundle")
+    report = build_report(out / "run_20x", out / "report.html", heatmap_size=800)
     console.rule("[bold]results")
     for mag, r in results.items():
         m = r["metrics"]
@@ -81,6 +87,14 @@ def run_demo(
         f"outputs ({time.perf_counter() - t_start:.0f} s):\n"
         f"  cohort   {(out / 'cohort').resolve()}  (slides, tumour masks, manifest.csv)\n"
         f"  job      {job.resolve()}  (patches, links, features, qc/ images)\n"
-        f"  runs     {(out / 'run_20x').resolve()}  and  {(out / 'run_5x').resolve()}"
+        f"  runs     {(out / 'run_20x').resolve()}  and  {(out / 'run_5x').resolve()}\n"
+        f"  bundle   {bundle.resolve()}  (the 20x model: wsimil predict --model … --slides … --out …)\n"
+        f"  report   {report.resolve()}  (open in a browser)"
     )
-    return {"20x": results[20], "5x": results[5], "out": str(out.resolve())}
+    return {
+        "20x": results[20],
+        "5x": results[5],
+        "out": str(out.resolve()),
+        "bundle": str(bundle.resolve()),
+        "report": str(report.resolve()),
+    }

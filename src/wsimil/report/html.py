@@ -1,0 +1,352 @@
+"""``wsimil report RUN``: one self-contained HTML page (no external files; images embedded as base64, no script)
+for a training run.
+
+Sections: summary (model, method, cohort), metrics (mean ± std over folds), per-fold metrics with bootstrap 95%
+CIs (``results.json`` ``folds[].ci``), extra heads (``metrics_<head>``, with ``ci_<head>``), the LRMIL HR/LR
+comparison and timing when ``results.json`` has ``teacher_hr``/``baseline_lr``/``student_lr`` and
+``seconds_per_slide``, ROC and precision–recall curves, confusion matrix and calibration of the out-of-fold
+predictions, training curves, per-slide predictions with out-of-fold heatmaps (when the slides can be found) and
+the resolved config.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from wsimil import __version__
+from wsimil.errors import WsimilError
+from wsimil.io import write_text
+from wsimil.progress import console
+
+LRMIL_ARMS = {"teacher_hr": "HR teacher (20×)", "baseline_lr": "LR baseline (5×)", "student_lr": "LR student (5×)"}
+METRIC_ORDER = ["auc", "accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "instance_auc", "c_index"]
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2430;background:#f6f7f9}
+main{max-width:1180px;margin:0 auto;padding:24px 28px 60px}
+h1{font-size:1.6em;margin:0 0 4px} h2{font-size:1.2em;margin:34px 0 10px;border-bottom:2px solid #dde2ea;
+padding-bottom:4px} h3{font-size:1em;margin:18px 0 6px}
+.sub{color:#5a6474;font-size:.92em} .note{color:#5a6474;font-size:.88em;margin:6px 0}
+table{border-collapse:collapse;font-size:.86em;background:#fff;margin:6px 0 12px}
+th,td{border:1px solid #dde2ea;padding:4px 8px;text-align:right} th{background:#eef1f5}
+td.l,th.l{text-align:left} tr.bad td{background:#fff1f0}
+.plots{display:flex;flex-wrap:wrap;gap:14px} .plots figure{margin:0;background:#fff;padding:8px;
+border:1px solid #dde2ea} .plots img{max-width:520px;height:auto;display:block}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:14px}
+.card{background:#fff;border:1px solid #dde2ea;padding:8px} .card img{width:100%;height:auto;display:block}
+.card .cap{font-size:.85em;margin-top:4px} pre{background:#fff;border:1px solid #dde2ea;padding:10px;
+overflow:auto;font-size:.8em} details summary{cursor:pointer;color:#2a5db0}
+.ok{color:#1a7f37} .wrong{color:#c62828}
+"""
+
+
+def _img(data: bytes, alt: str, mime: str = "image/png") -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:{mime};base64,{base64.b64encode(data).decode()}">'
+
+
+def _jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return buf.tobytes()
+
+
+def _num(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "n/a"
+    if isinstance(v, int | np.integer):
+        return str(int(v))
+    return f"{float(v):.{digits}f}"
+
+
+def _metric_names(names) -> list[str]:
+    names = list(dict.fromkeys(names))
+    return [m for m in METRIC_ORDER if m in names] + sorted(m for m in names if m not in METRIC_ORDER)
+
+
+def _table(header: list[str], rows: list[list[str]], left: int = 1, classes: list[str] | None = None) -> str:
+    """An HTML table; the first ``left`` columns are left-aligned. Cells are escaped by the caller."""
+    th = "".join(f'<th class="{"l" if i < left else ""}">{h}</th>' for i, h in enumerate(header))
+    body = []
+    for r, row in enumerate(rows):
+        cls = f' class="{classes[r]}"' if classes and classes[r] else ""
+        tds = "".join(f'<td class="{"l" if i < left else ""}">{c}</td>' for i, c in enumerate(row))
+        body.append(f"<tr{cls}>{tds}</tr>")
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _summary_table(metrics: dict[str, Any]) -> str:
+    """``{metric: {mean, std}}`` (or ``{value, ci_low, ci_high}``, or a number) → table."""
+    rows = []
+    for m in _metric_names(metrics):
+        v = metrics[m]
+        if isinstance(v, dict) and "mean" in v:
+            cell = f"{_num(v.get('mean'))} ± {_num(v.get('std'))}"
+        elif isinstance(v, dict) and "value" in v:
+            cell = f"{_num(v.get('value'))} [{_num(v.get('ci_low'))}, {_num(v.get('ci_high'))}]"
+        else:
+            cell = _num(v) if not isinstance(v, dict) else html.escape(json.dumps(v))
+        rows.append([html.escape(m), cell])
+    return _table(["metric", "value"], rows)
+
+
+def _ci_cell(metrics: dict, ci: dict | None, m: str) -> str:
+    if ci and m in ci and isinstance(ci[m], dict):
+        c = ci[m]
+        return f"{_num(c.get('value'))} <span class='sub'>[{_num(c.get('ci_low'))}, {_num(c.get('ci_high'))}]</span>"
+    return _num(metrics.get(m))
+
+
+def _folds_table(folds: list[dict], metrics_key: str = "metrics", ci_key: str = "ci") -> str:
+    names = _metric_names(m for f in folds for m in (f.get(metrics_key) or {}))
+    rows = []
+    for f in folds:
+        ms, ci = f.get(metrics_key) or {}, f.get(ci_key)
+        rows.append(
+            [str(f.get("repeat", 0)), str(f.get("fold", "")), _num(f.get("n_test"))]
+            + [_ci_cell(ms, ci, m) for m in names]
+        )
+    return _table(["repeat", "fold", "n test", *map(html.escape, names)], rows, left=2)
+
+
+def _lrmil_section(res: dict) -> str:
+    """The HR/LR comparison (one row per arm present) and the measured seconds per slide."""
+    arms = {k: v for k, v in res.items() if k in LRMIL_ARMS and isinstance(v, dict)}
+    if not arms and "seconds_per_slide" not in res:
+        return ""
+    from wsimil.viz.plots import timing_png
+
+    parts = ["<h2>LRMIL: high vs. low resolution</h2>"]
+    if arms:
+        summaries = {k: v.get("metrics", v) for k, v in arms.items()}
+        names = _metric_names(m for s in summaries.values() for m in s if isinstance(s, dict))
+        rows = []
+        for k, s in summaries.items():
+            cells = []
+            for m in names:
+                v = s.get(m)
+                if isinstance(v, dict) and "mean" in v:
+                    cells.append(f"{_num(v.get('mean'))} ± {_num(v.get('std'))}")
+                elif isinstance(v, dict) and "value" in v:
+                    cells.append(f"{_num(v['value'])} [{_num(v.get('ci_low'))}, {_num(v.get('ci_high'))}]")
+                else:
+                    cells.append(_num(v) if not isinstance(v, dict) else "")
+            rows.append([html.escape(LRMIL_ARMS[k]), *cells])
+        parts.append(_table(["model", *map(html.escape, names)], rows))
+    sps = res.get("seconds_per_slide")
+    if isinstance(sps, dict):
+        flat = _flatten(sps)
+        parts.append("<h3>Inference time per slide</h3>")
+        parts.append(_table(["path", "seconds per slide"], [[html.escape(k), _num(v, 3)] for k, v in flat.items()]))
+        numeric = {k: float(v) for k, v in flat.items() if isinstance(v, int | float) and np.isfinite(v)}
+        if numeric:
+            parts.append(f'<div class="plots"><figure>{_img(timing_png(numeric), "seconds per slide")}</figure></div>')
+    elif isinstance(sps, int | float):
+        parts.append(f"<p>Seconds per slide: {_num(sps)}</p>")
+    return "\n".join(parts)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix} / {k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _plots_section(pred: pd.DataFrame, classes: list[str], history: pd.DataFrame | None) -> str:
+    from wsimil.viz.plots import calibration_png, confusion_matrix_png, curve_png, history_png
+
+    parts = []
+    prob_cols = [f"prob_{c}" for c in classes]
+    if "label" in pred.columns and all(c in pred.columns for c in prob_cols) and len(pred):
+        rep0 = pred[pred["repeat"] == pred["repeat"].min()]
+        index = {c: i for i, c in enumerate(classes)}
+        y = rep0["label"].astype(str).map(index).to_numpy()
+        if not np.isnan(y.astype(float)).any():
+            y = y.astype(int)
+            probs = rep0[prob_cols].to_numpy(dtype=float)
+            folds = rep0["fold"].to_numpy()
+            figs = [
+                (curve_png(y, probs, classes, folds, "roc"), "ROC curves"),
+                (curve_png(y, probs, classes, folds, "pr"), "precision-recall curves"),
+                (confusion_matrix_png(y, probs.argmax(1), classes), "confusion matrix"),
+                (calibration_png(y, probs, classes), "calibration"),
+            ]
+            note = " (first repeat)" if pred["repeat"].nunique() > 1 else ""
+            parts.append(f"<h2>Out-of-fold predictions{note}</h2>")
+            parts.append('<div class="plots">' + "".join(f"<figure>{_img(b, a)}</figure>" for b, a in figs) + "</div>")
+    if history is not None and (png := history_png(history)) is not None:
+        parts.append("<h2>Training curves</h2>")
+        parts.append(f'<div class="plots"><figure>{_img(png, "training curves")}</figure></div>')
+    return "\n".join(parts)
+
+
+def _pick_map(maps: dict[str, np.ndarray], kind: str, predicted: str) -> str:
+    """The map to show for a slide: the predicted class's row of the preferred kind when there is one per class."""
+    names = list(maps)
+    prefix = names[0].split(":")[0]
+    for n in names:
+        if n == f"{prefix}:{predicted}":
+            return n
+    return names[0]
+
+
+def _slides_section(
+    run: Path, pred: pd.DataFrame, classes: list[str], slides, max_heatmaps: int, size: int, top_k: int
+) -> str:
+    from wsimil.inference import score_run_slides
+    from wsimil.viz.heatmap import HeatmapInput, render_heatmap
+
+    prob_cols = [f"prob_{c}" for c in classes if f"prob_{c}" in pred.columns]
+    first = pred.drop_duplicates("slide_id", keep="first").copy()
+    parts = ["<h2>Per-slide predictions</h2>"]
+    if prob_cols:
+        first["predicted"] = [classes[i] for i in first[prob_cols].to_numpy(dtype=float).argmax(1)]
+    rows, row_cls = [], []
+    for _, r in first.iterrows():
+        label = str(r.get("label", ""))
+        pcol = str(r.get("predicted", ""))
+        ok = "label" in r and pcol == label
+        mark = "<span class='ok'>✓</span>" if ok else "<span class='wrong'>✗</span>" if "label" in r else ""
+        rows.append(
+            [html.escape(str(r["slide_id"])), str(r["fold"]), html.escape(label), html.escape(pcol), mark]
+            + [_num(r[c]) for c in prob_cols]
+        )
+        row_cls.append("" if ok or "label" not in r else "bad")
+    header = ["slide", "fold", "label", "predicted", "", *map(html.escape, prob_cols)]
+    parts.append(_table(header, rows, left=4, classes=row_cls))
+
+    cards = []
+    notes = []
+    chosen = first["slide_id"].tolist()[:max_heatmaps]
+    scored = []
+    if (run / "bundle").is_dir() and max_heatmaps > 0:
+        try:
+            scored = score_run_slides(run, chosen, slides)
+        except WsimilError as e:
+            notes.append(f"No heatmaps: {e}")
+    pmap = dict(zip(first["slide_id"], first.get("predicted", first["slide_id"]), strict=True))
+    for s in scored:
+        if s.slide_path is None or s.coords is None or s.patch_size_level0 is None:
+            continue
+        name = _pick_map(s.scores.maps, s.scores.kind, str(pmap.get(s.slide_id, "")))
+        h = HeatmapInput(s.slide_id, s.slide_path, s.coords, s.patch_size_level0, s.scores.maps[name], name,
+                         "instance" if name.startswith("instance") else "attention", s.mag)  # fmt: skip
+        try:
+            rgb = render_heatmap(h, None, size, top_k)
+        except WsimilError as e:
+            notes.append(html.escape(str(e)))
+            continue
+        cap = (
+            f"<b>{html.escape(s.slide_id)}</b> — {html.escape(name)}, fold {s.fold} model (held out); "
+            f"predicted {html.escape(str(pmap.get(s.slide_id, '')))}"
+        )
+        cards.append(f'<div class="card">{_img(_jpeg(rgb), f"heatmap {s.slide_id}", "image/jpeg")}'
+                     f'<div class="cap">{cap}</div></div>')  # fmt: skip
+    if cards:
+        parts.append(
+            "<h3>Heatmaps</h3><p class='note'>Each slide scored by the fold model that did not train on it. "
+            "Attention is shown as its percentile within the slide, instance probabilities on 0–1; tissue contours "
+            f"in black, the top-{top_k} patches outlined, numbered and shown below each slide.</p>"
+        )
+        parts.append('<div class="cards">' + "".join(cards) + "</div>")
+        if len(first) > max_heatmaps:
+            parts.append(f"<p class='note'>Heatmaps for the first {max_heatmaps} of {len(first)} slides.</p>")
+    elif not notes:
+        notes.append(
+            "No heatmaps: the slide files or patch coordinates of this run's features were not found "
+            "(pass --slides DIR|CSV to locate the slides)."
+        )
+    parts += [f"<p class='note'>{n}</p>" for n in notes]
+    return "\n".join(parts)
+
+
+def build_report(
+    run: str | Path,
+    out: str | Path | None = None,
+    slides: str | Path | None = None,
+    max_heatmaps: int = 40,
+    heatmap_size: int = 900,
+    top_k: int = 6,
+) -> Path:
+    """Write the HTML report of a training run (default ``RUN/report.html``); returns its path."""
+    run = Path(run)
+    res_path, cfg_path = run / "results.json", run / "config.yaml"
+    if not res_path.is_file():
+        raise WsimilError(f"{run} is not a finished wsimil run: {res_path} is missing")
+    res = json.loads(res_path.read_text())
+    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else res.get("config", {})
+    cfg = cfg or {}
+    classes = [str(c) for c in cfg.get("classes", [])]
+    pred = pd.read_csv(run / "predictions.csv", dtype={"slide_id": str, "label": str}) if (
+        run / "predictions.csv").is_file() else pd.DataFrame()  # fmt: skip
+    history = pd.read_csv(run / "history.csv") if (run / "history.csv").is_file() else None
+    out = Path(out) if out is not None else run / "report.html"
+    console.print(f"Writing report of {run} → {out}")
+
+    title = f"wsimil report — {run.resolve().name}"
+    n_slides = pred["slide_id"].nunique() if len(pred) else "?"
+    sub = (
+        f"model <b>{html.escape(str(cfg.get('model', '?')))}</b>, method <b>{html.escape(str(cfg.get('method', '?')))}"
+        f"</b>, task {html.escape(str(cfg.get('task', 'classification')))}, {n_slides} slides, classes "
+        f"{html.escape(', '.join(classes))}, {len(res.get('folds', []))} fold model(s)"
+    )
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p class='sub'>{sub}</p>",
+        f"<p class='sub'>run {html.escape(str(run.resolve()))} · trained with wsimil "
+        f"{html.escape(str(cfg.get('wsimil_version', '?')))} · report by wsimil {__version__} on "
+        f"{_dt.date.today().isoformat()}</p>",
+        "<h2>Metrics</h2><p class='note'>Mean ± standard deviation over test folds.</p>",
+        _summary_table(res.get("metrics", {})),
+    ]
+    if "repeat_metrics" in res:
+        parts += ["<h3>Across repeats</h3>", _summary_table(res["repeat_metrics"])]
+    if res.get("folds"):
+        parts += [
+            "<h3>Per fold</h3><p class='note'>Test-fold value with its bootstrap 95% confidence interval.</p>",
+            _folds_table(res["folds"]),
+        ]
+    for key in sorted(k for k in res if k.startswith("metrics_")):
+        head = key.removeprefix("metrics_")
+        parts += [f"<h3>Head <code>{html.escape(head)}</code></h3>", _summary_table(res[key])]
+        if any(key in f for f in res.get("folds", [])):
+            parts.append(_folds_table(res["folds"], key, f"ci_{head}"))
+    parts.append(_lrmil_section(res))
+    if classes and cfg.get("task", "classification") == "classification":
+        parts.append(_plots_section(pred, classes, history))
+    elif history is not None:
+        parts.append(_plots_section(pd.DataFrame(), [], history))
+    if len(pred):
+        parts.append(_slides_section(run, pred, classes, slides, max_heatmaps, heatmap_size, top_k))
+    keys = ["model", "method", "model_kwargs", "method_kwargs", "epochs", "lr", "optimizer", "batch_size", "folds",
+            "repeats", "standardize", "seed", "features", "manifest"]  # fmt: skip
+    rows = [[html.escape(k), html.escape(json.dumps(cfg[k], default=str))] for k in keys if k in cfg]
+    parts += [
+        "<h2>Configuration</h2>",
+        _table(["key", "value"], rows, left=2),
+        "<details><summary>full resolved config (config.yaml)</summary><pre>"
+        + html.escape(yaml.safe_dump(cfg, sort_keys=False))
+        + "</pre></details>",
+    ]
+    doc = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f'<title>{html.escape(title)}</title><link rel="icon" href="data:,"><style>{CSS}</style></head>'
+        f"<body><main>{''.join(p for p in parts if p)}</main></body></html>\n"
+    )
+    write_text(out, doc)
+    return out

@@ -1,0 +1,2 @@
+"""Pictures of model outputs: slide heatmaps (:mod:`wsimil.viz.heatmap`) and evaluation plots
+(:mod:`wsimil.viz.plots`)."""

@@ -1,0 +1,167 @@
+"""Model bundles: written by training, loaded with one call, refused clearly when they do not fit."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from wsimil.bundle import (
+    BUNDLE_FORMAT,
+    EncoderRef,
+    TilingRef,
+    bundle_from_run,
+    load_bundle,
+    provenance_from_features,
+    write_bundle,
+)
+from wsimil.errors import WsimilError
+from wsimil.features.store import write_bag
+
+
+@pytest.fixture(scope="module")
+def digit_run(tmp_path_factory):
+    """A 2-fold ABMIL run on 24 digit bags (features without slide provenance)."""
+    from wsimil.config import load_config
+    from wsimil.data.synthetic import make_digit_bags, write_bags
+    from wsimil.methods.trainer import run_training
+
+    d = tmp_path_factory.mktemp("digits")
+    manifest = write_bags(make_digit_bags(24, seed=5), d / "cohort")
+    cfg = load_config(model="abmil", folds=2, epochs=2, bootstrap=0, model_kwargs={"hidden_dims": [32]})
+    run_training(cfg, d / "cohort" / "features", manifest, d / "run")
+    return d / "run", d / "cohort" / "features"
+
+
+def test_training_writes_a_loadable_bundle(digit_run):
+    run, feats = digit_run
+    b = load_bundle(run / "bundle")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert b.classes == cfg["classes"] and b.model == "abmil" and b.in_dim == cfg["in_dim"]
+    assert [(m.repeat, m.fold) for m in b.members] == [(0, 0), (0, 1)]
+    assert b.config["features"] == cfg["features"] and b.format_version == BUNDLE_FORMAT
+    # a run folder or the bundle.json itself load the same bundle
+    assert load_bundle(run).path == load_bundle(run / "bundle" / "bundle.json").path == run / "bundle"
+    # members are the fold checkpoints: same weights, same standardiser
+    from wsimil.methods.trainer import load_model
+
+    (m0, std0), _ = b.load_models()
+    ref, ck = load_model(run / "checkpoints" / "repeat0_fold0.pt")
+    for k, v in ref.state_dict().items():
+        assert torch.equal(m0.state_dict()[k], v)
+    assert torch.equal(std0.mean, ck["standardizer"]["mean"])
+
+
+def test_feature_only_bundle_refuses_slides_but_scores_features(digit_run, tmp_path):
+    run, feats = digit_run
+    b = load_bundle(run / "bundle")
+    assert not b.scores_slides and "no encoder provenance" in b.slide_settings_missing
+    with pytest.raises(WsimilError, match="cannot score slides.*--features"):
+        b.require_slides()
+    from wsimil.inference import predict_features, predict_slides
+
+    with pytest.raises(WsimilError, match="cannot score slides"):
+        predict_slides(b, tmp_path, tmp_path / "out", device="cpu")
+    table = predict_features(b, feats, tmp_path / "pred", device="cpu")
+    assert (table["status"] == "ok").all()
+    pred = __import__("pandas").read_csv(tmp_path / "pred" / "predictions.csv", dtype={"slide_id": str})
+    assert list(pred.columns) == ["slide_id", *[f"prob_{c}" for c in b.classes], "predicted"]
+    # the ensemble probability is the mean of both fold models' softmax on standardised features
+    from wsimil.features.store import FeatureStore
+
+    sid = pred["slide_id"].iloc[0]
+    x = torch.from_numpy(FeatureStore(feats).read(sid).features)[None]
+    ps = [torch.softmax(m(s(x)).logits, -1)[0] for m, s in b.load_models()]
+    want = torch.stack(ps).mean(0).detach().numpy()
+    got = pred.loc[0, [f"prob_{c}" for c in b.classes]].to_numpy(dtype=float)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert str(pred.loc[0, "predicted"]) == b.classes[int(np.argmax(want))]
+
+
+def test_wrong_features_and_versions_fail_clearly(digit_run, tmp_path):
+    run, _ = digit_run
+    b = load_bundle(run / "bundle")
+    write_bag(tmp_path / "f" / "s1.h5", np.zeros((3, b.in_dim + 1), np.float32), encoder="uni")
+    with pytest.raises(WsimilError, match=r"slide 's1'.*expects \d+-d features"):
+        b.check_features("s1", tmp_path / "f" / "s1.h5", b.in_dim + 1)
+
+    meta = json.loads((run / "bundle" / "bundle.json").read_text())
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    (newer / "bundle.json").write_text(json.dumps({**meta, "format_version": BUNDLE_FORMAT + 1}))
+    with pytest.raises(WsimilError, match="format version 2.*install a matching wsimil"):
+        load_bundle(newer)
+    with pytest.raises(WsimilError, match="not a wsimil model bundle"):
+        load_bundle(tmp_path / "f")
+    (newer / "bundle.json").write_text(json.dumps({**meta, "aggregator": {**meta["aggregator"], "method": "nope"}}))
+    with pytest.raises(WsimilError, match="training method 'nope'"):
+        load_bundle(newer)
+
+
+def test_modified_member_is_refused(digit_run, tmp_path):
+    run, _ = digit_run
+    out = bundle_from_run(run, tmp_path / "b")
+    with open(out / "aggregators" / "repeat0_fold1.pt", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(WsimilError, match="repeat0_fold1.pt does not match its recorded checksum"):
+        load_bundle(out).load_models()
+
+
+def _slide_features(d, name, encoder="resnet18", weights="random(seed=3)", mag=20.0, key="abc"):
+    write_bag(
+        d / f"{name}.h5",
+        np.ones((2, 512), np.float32),
+        np.zeros((2, 2), np.int64),
+        encoder=encoder,
+        attrs={"weights": weights, "weights_sha256": "", "embed_dim": 512, "precision": "fp32"},
+        coords_attrs={"target_magnification": mag, "patch_size": 256, "settings_key": key},
+    )
+
+
+def test_provenance_from_feature_attributes_and_tiling_yaml(tmp_path):
+    feats = tmp_path / "job" / "20x_256px_0px_overlap" / "features_resnet18"
+    for s in ("a", "b"):
+        _slide_features(feats, s)
+    (tmp_path / "job" / "tiling.yaml").write_text(
+        yaml.safe_dump({"settings_key": "abc", "min_tissue": 0.3, "reader": "openslide", "tissue": {"open_um": 8.0}})
+    )
+    enc, tiling, why = provenance_from_features(feats)
+    assert why is None
+    assert enc == EncoderRef("resnet18", None, None, seed=3, embed_dim=512, precision="fp32")
+    assert tiling == TilingRef(20.0, 256, 0.3, {"open_um": 8.0}, "openslide")
+    assert tiling.tile_settings().tissue.open_um == 8.0 and tiling.tile_settings().mags == [20.0]
+
+    _slide_features(feats, "c", mag=5.0)
+    enc, tiling, why = provenance_from_features(feats)
+    assert enc is None and tiling is None and "disagree" in why and "5.0x" in why
+    other = tmp_path / "other"
+    _slide_features(other, "a", encoder="uni_v1")
+    assert "not in wsimil's registry" in provenance_from_features(other)[2]
+    hub = tmp_path / "hub"
+    _slide_features(hub, "a", weights="hub:timm/resnet18.a1_in1k")
+    assert provenance_from_features(hub)[0].weights == "hub"
+
+
+def test_encoder_weights_are_copied_and_checked(digit_run, tmp_path):
+    """A custom weights file (e.g. LRMIL's distilled encoder) is copied into the bundle with its checksum; a changed
+    file is refused, as are features from another encoder."""
+    run, _ = digit_run
+    b0 = load_bundle(run / "bundle")
+    w = tmp_path / "student.pt"
+    w.write_bytes(b"weights v1")
+    enc = EncoderRef("resnet18", str(w), embed_dim=None)
+    ckpts = [run / "bundle" / m.file for m in b0.members]
+    out = write_bundle(tmp_path / "b", ckpts, encoder=enc, tiling=TilingRef(5.0), copy_encoder_weights=True)
+    b = load_bundle(out)
+    assert b.encoder.weights == "encoder/student.pt" and (out / "encoder" / "student.pt").read_bytes() == b"weights v1"
+    assert b.encoder_weights() == str((out / "encoder" / "student.pt").resolve())
+    assert b.tile_settings().mags == [5.0]
+    w.write_bytes(b"weights v2")
+    with pytest.raises(WsimilError, match="other weights"):
+        b.encoder_weights(w)
+    write_bag(tmp_path / "f" / "s.h5", np.zeros((2, b.in_dim), np.float32), encoder="uni")
+    with pytest.raises(WsimilError, match="come from encoder 'uni'.*'resnet18'"):
+        b.check_features("s", tmp_path / "f" / "s.h5", b.in_dim)
+    with pytest.raises(WsimilError, match="both encoder and tiling"):
+        write_bundle(tmp_path / "c", ckpts, encoder=enc, tiling=None)
