@@ -1,0 +1,194 @@
+"""End to end on a tiny synthetic cohort: train → bundle → ``wsimil predict`` (synthetic and real slides) →
+``wsimil heatmap`` → ``wsimil report``, and the report in headless Chromium."""
+
+import base64
+import json
+import re
+import shutil
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tests.conftest import shared_data
+from wsimil.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def synth_run(tmp_path_factory):
+    """4 synthetic slides (2 with tumour) tiled at 20x, ResNet-18 (seeded random) features, 2-fold ABMIL."""
+    from wsimil.config import load_config
+    from wsimil.features.extract import ExtractSettings, features_dir, run_extraction
+    from wsimil.methods.trainer import run_training
+    from wsimil.slide.job import TileSettings, run_tiling
+    from wsimil.slide.synth import make_cohort
+
+    d = tmp_path_factory.mktemp("e2e")
+    make_cohort(d / "cohort", 4, 0, 2560, 2048)
+    run_tiling(d / "cohort" / "manifest.csv", d / "job", TileSettings(mags=[20]))
+    st = ExtractSettings(mag=20, encoder="resnet18", batch_size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        run_extraction(d / "job", st)
+    cfg = load_config(model="abmil", folds=2, epochs=3, val_fraction=0.0, bootstrap=50, model_kwargs={"attn_dim": 32})
+    feats = features_dir(d / "job", st, 256)
+    run_training(cfg, feats, d / "cohort" / "manifest.csv", d / "run")
+    return d, feats
+
+
+def test_bundle_records_slide_settings(synth_run):
+    from wsimil.bundle import load_bundle
+
+    d, _ = synth_run
+    b = load_bundle(d / "run" / "bundle")
+    assert b.scores_slides and b.encoder.name == "resnet18" and b.encoder.weights is None and b.encoder.seed == 0
+    assert b.tiling.mag == 20.0 and b.tiling.patch_size == 256
+
+
+def test_predict_matches_training_features_and_reports_bad_slides(synth_run, tmp_path):
+    """Predicting a training slide from its file recomputes the same tiles and features, so the probabilities equal
+    the ensemble applied to the training features; a truncated slide fails alone (exit 1, listed in status.csv)."""
+    from wsimil.bundle import load_bundle
+    from wsimil.features.store import FeatureStore
+
+    d, feats = synth_run
+    good = d / "cohort" / "slides" / "synth_0000.svs"
+    bad = tmp_path / "broken.svs"
+    bad.write_bytes(good.read_bytes()[:5000])
+    pd.DataFrame({"path": [str(good), str(bad)]}).to_csv(tmp_path / "slides.csv", index=False)
+    args = ["predict", "--model", str(d / "run" / "bundle"), "--slides", str(tmp_path / "slides.csv")]
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "p"), "--device", "cpu"])
+    assert res.exit_code == 1, res.output
+    assert "failed broken" in res.output.replace("\n", " ")
+    status = pd.read_csv(tmp_path / "p" / "status.csv").set_index("slide_id")
+    assert status.loc["synth_0000", "status"] == "ok" and status.loc["broken", "stage"] == "tile"
+    pred = pd.read_csv(tmp_path / "p" / "predictions.csv")
+    assert pred["slide_id"].tolist() == ["synth_0000"]
+
+    b = load_bundle(d / "run" / "bundle")
+    bag = FeatureStore(feats).read("synth_0000")
+    x = torch.from_numpy(bag.features)[None]
+    want = torch.stack([torch.softmax(m(s(x)).logits, -1)[0] for m, s in b.load_models()]).mean(0).detach().numpy()
+    np.testing.assert_allclose(pred[["prob_0", "prob_1"]].to_numpy()[0], want, atol=1e-4)
+    from wsimil.inference import read_scores
+
+    sc = read_scores(tmp_path / "p" / "scores" / "synth_0000.h5")
+    assert sc["coords"].tolist() == bag.coords.tolist() and abs(sc["maps"]["attention"].sum() - 1) < 1e-4
+
+    # a second run reuses the cached tiles and features
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "p"), "--device", "cpu"])
+    assert res.exit_code == 1
+    ext = pd.read_csv(next((tmp_path / "p" / "job").glob("20x_*/features_resnet18/status.csv"))).set_index("slide_id")
+    assert ext.loc["synth_0000", "status"] == "skipped"
+
+
+def test_predict_real_svs_and_heatmap(synth_run, tmp_path):
+    svs = shared_data("slides", "cmu_small_region.svs")
+    d, _ = synth_run
+    res = runner.invoke(
+        app,
+        ["predict", "--model", str(d / "run" / "bundle"), "--slides", str(svs), "--out", str(tmp_path / "p"),
+         "--device", "cpu"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    pred = pd.read_csv(tmp_path / "p" / "predictions.csv")
+    assert pred["slide_id"].tolist() == ["cmu_small_region"] and pred["predicted"].astype(str).isin(["0", "1"]).all()
+    assert abs(pred["prob_0"].iloc[0] + pred["prob_1"].iloc[0] - 1) < 1e-5
+    from wsimil.inference import read_scores
+
+    sc = read_scores(tmp_path / "p" / "scores" / "cmu_small_region.h5")
+    n = len(sc["coords"])
+    # 2220×2967 px at 0.499 µm/px: at most 8×11 cells of 256 px at 0.5 µm/px, most of them tissue
+    assert 20 <= n <= 88 and sc["coords"][:, 0].max() < 2220 and sc["coords"][:, 1].max() < 2967
+
+    res = runner.invoke(
+        app, ["heatmap", "--predictions", str(tmp_path / "p"), "--out", str(tmp_path / "h"), "--size", "700"]
+    )
+    assert res.exit_code == 0, res.output
+    from PIL import Image
+
+    png = Image.open(tmp_path / "h" / "cmu_small_region__attention.png")
+    assert png.size[0] == 700 and png.size[1] > 700  # portrait slide + strip
+
+
+def test_heatmap_of_a_run(synth_run, tmp_path):
+    d, _ = synth_run
+    res = runner.invoke(app, ["heatmap", "--run", str(d / "run"), "--out", str(tmp_path), "--size", "400"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [f"synth_000{i}__attention.png" for i in range(4)]
+    res = runner.invoke(app, ["heatmap", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "exactly one of --model" in res.output
+
+
+def _report(synth_run):
+    d, _ = synth_run
+    out = d / "run" / "report.html"
+    if not out.is_file():
+        res = runner.invoke(app, ["report", str(d / "run"), "--heatmap-size", "600"])
+        assert res.exit_code == 0, res.output
+    return out
+
+
+def test_report_contents(synth_run):
+    d, _ = synth_run
+    text = _report(synth_run).read_text()
+    res = json.loads((d / "run" / "results.json").read_text())
+    ci = res["folds"][1]["ci"]["accuracy"]
+    assert f"{ci['value']:.3f} <span class='sub'>[{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]" in text
+    auc = res["metrics"]["auc"]
+    assert f"{auc['mean']:.3f} ± {auc['std']:.3f}" in text
+    for section in ("Out-of-fold predictions", "Training curves", "Per-slide predictions", "Configuration"):
+        assert f"<h2>{section}" in text
+    for alt in ("ROC curves", "precision-recall curves", "confusion matrix", "calibration", "heatmap synth_0003"):
+        assert f'alt="{alt}"' in text
+    imgs = re.findall(r'src="data:image/(png|jpeg);base64,([^"]+)"', text)
+    assert len(imgs) == 4 + 1 + 4  # ROC, PR, confusion, calibration; training curves; a heatmap per slide
+    for kind, data in imgs:
+        raw = base64.b64decode(data)
+        assert raw[:4] == (b"\x89PNG" if kind == "png" else b"\xff\xd8\xff\xe0")
+    assert "http://" not in text and "https://" not in text and "<script" not in text  # self-contained
+
+
+def test_report_lrmil_comparison_and_heads(synth_run, tmp_path):
+    d, _ = synth_run
+    run = tmp_path / "run"
+    shutil.copytree(d / "run", run)
+    res = json.loads((run / "results.json").read_text())
+    res["teacher_hr"] = {"metrics": {"auc": {"mean": 0.951, "std": 0.011}}}
+    res["baseline_lr"] = {"metrics": {"auc": {"mean": 0.702, "std": 0.05}}}
+    res["student_lr"] = {"metrics": {"auc": {"mean": 0.903, "std": 0.021}}}
+    res["seconds_per_slide"] = {"hr": 12.5, "lr": {"tiling": 0.4, "features": 0.8}}
+    res["metrics_teacher"] = {"auc": {"mean": 0.812, "std": 0.004}}
+    (run / "results.json").write_text(json.dumps(res))
+    from wsimil.report import build_report
+
+    text = build_report(run, max_heatmaps=0).read_text()
+    assert "LRMIL: high vs. low resolution" in text
+    for name, v in (("HR teacher (20×)", "0.951 ± 0.011"), ("LR student (5×)", "0.903 ± 0.021")):
+        assert re.search(re.escape(name) + r"</td><td[^>]*>" + re.escape(v), text)
+    assert "lr / features</td><td" in text and "12.500" in text
+    assert "Head <code>teacher</code>" in text and "0.812 ± 0.004" in text
+
+
+def test_report_renders_in_headless_chromium(synth_run):
+    from tests.browser import load_page
+
+    path = _report(synth_run)
+    page = load_page(path)
+    assert page.console_errors == []
+    n_img = len(re.findall(r"<img ", path.read_text()))
+    assert len(page.images) == n_img == 9
+    assert all(i["complete"] and i["width"] > 100 and i["height"] > 100 for i in page.images), page.images
+    from io import BytesIO
+
+    from PIL import Image
+
+    shot = np.asarray(Image.open(BytesIO(page.screenshot)).convert("RGB"))
+    assert shot.shape[1] >= 1200 and shot.shape[0] > 2000  # the whole page (less a scroll bar)
+    assert shot.std() > 30 and len(np.unique(shot.reshape(-1, 3), axis=0)) > 1000  # not blank: plots and slides
+    assert page.title.startswith("wsimil report")
