@@ -5,7 +5,14 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from wsimil.models.base import MILModel, MILOutput, full_mask, register_model
-from wsimil.models.layers import AttentionScore, masked_softmax, projection
+from wsimil.models.layers import (
+    AttentionScore,
+    append_tokens,
+    check_score_kind,
+    class_aware_probability,
+    masked_softmax,
+    projection,
+)
 
 
 class ABMIL(MILModel):
@@ -32,12 +39,38 @@ class ABMIL(MILModel):
         self.classifier = nn.Linear(width, n_classes)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> MILOutput:
-        m = full_mask(x, mask)
-        h = self.proj(x)  # (B, N, E)
+        return self.aggregate(self.embed(x), mask)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Projected instance tokens ``h (B, N, E)`` of ``x (B, N, D)``."""
+        return self.proj(x)
+
+    def aggregate(self, h: Tensor, mask: Tensor | None = None, extra_tokens: Tensor | None = None) -> MILOutput:
+        """Attention pooling of projected tokens ``h (B, N, E)``; ``extra_tokens (B, K, E)`` (MHIM-v2's recycle
+        tokens) join every bag as ``K`` further instances, so the outputs then cover ``N + K`` positions."""
+        m = full_mask(h, mask)
+        if extra_tokens is not None:
+            h, m = append_tokens(h, m, extra_tokens)
         e = self.attention(h).squeeze(-1)  # (B, N)
         a = masked_softmax(e, m)
         z = (a.unsqueeze(1) @ h).squeeze(1)  # (B, E)
         return MILOutput(logits=self.classifier(z), bag_embedding=z, attention_logits=e.masked_fill(~m, float("-inf")))
+
+    def score_instances(
+        self, x: Tensor, mask: Tensor | None = None, kind: str = "attention"
+    ) -> tuple[MILOutput, Tensor]:
+        """The full-bag output and per-instance scores ``(B, N)`` (``-inf`` on padding) for MHIM's teacher:
+        ``"attention"`` = raw attention ``e`` (same ranking as softmax attention, MHIM-v1); ``"class_aware"`` =
+        ``max_c softmax_c(W a_i h_i)`` with softmax attention ``a`` and classifier weight ``W`` (MHIM-v2)."""
+        check_score_kind(kind)
+        m = full_mask(x, mask)
+        h = self.embed(x)
+        out = self.aggregate(h, m)
+        if kind == "attention":
+            return out, out.attention_logits
+        a = masked_softmax(out.attention_logits, m)
+        s = class_aware_probability(self.classifier.weight, a.unsqueeze(-1) * h)
+        return out, s.masked_fill(~m, float("-inf"))
 
 
 @register_model("abmil")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsimil.models.base import MILModel, MILOutput, full_mask, register_model
-from wsimil.models.layers import masked_softmax, projection
+from wsimil.models.layers import append_tokens, check_score_kind, masked_softmax, projection
 
 
 class DSMIL(MILModel):
@@ -41,10 +41,22 @@ class DSMIL(MILModel):
         # Conv1d(C, C, kernel=E) over the (C, E) bag matrix is a linear map of its flattening.
         self.bag_classifier = nn.Linear(n_classes * width, n_classes)
         self.scale = 1.0 / math.sqrt(q_dim)
+        #: the bag embedding is ``C`` rows of ``E`` (one per class); MHIM's consistency loss compares row by row
+        self.embedding_rows = n_classes
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> MILOutput:
-        m = full_mask(x, mask)
-        h = self.proj(x)  # (B, N, E)
+        return self.aggregate(self.embed(x), mask)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Projected instance tokens ``h (B, N, E)`` of ``x (B, N, D)``."""
+        return self.proj(x)
+
+    def aggregate(self, h: Tensor, mask: Tensor | None = None, extra_tokens: Tensor | None = None) -> MILOutput:
+        """Both streams on projected tokens ``h (B, N, E)``; ``extra_tokens (B, K, E)`` join every bag as ``K``
+        further instances (outputs then cover ``N + K`` positions)."""
+        m = full_mask(h, mask)
+        if extra_tokens is not None:
+            h, m = append_tokens(h, m, extra_tokens)
         inst = self.instance_classifier(h)  # (B, N, C)
         inst_masked = inst.masked_fill(~m.unsqueeze(-1), float("-inf"))
         max_logits, crit_idx = inst_masked.max(1)  # (B, C)
@@ -61,6 +73,17 @@ class DSMIL(MILModel):
             attention_logits=e.masked_fill(~m.unsqueeze(1), float("-inf")),
             instance_logits=inst,
         )
+
+    def score_instances(
+        self, x: Tensor, mask: Tensor | None = None, kind: str = "attention"
+    ) -> tuple[MILOutput, Tensor]:
+        """The full-bag output and MHIM's teacher scores ``(B, N)`` (``-inf`` on padding): the largest
+        instance-classifier logit ``max_c`` of stream 1, for both kinds, as the official MHIM code does for DSMIL
+        in v1 and v2 (its instance classifier is already class-aware)."""
+        check_score_kind(kind)
+        m = full_mask(x, mask)
+        out = self.aggregate(self.embed(x), m)
+        return out, out.instance_logits.amax(-1).masked_fill(~m, float("-inf"))
 
     def aux_losses(self, out: MILOutput, y: Tensor, mask: Tensor) -> dict[str, Tensor]:
         max_logits = out.instance_logits.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)

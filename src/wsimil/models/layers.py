@@ -57,3 +57,32 @@ def masked_softmax(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
 
 def masked_fill_inf(scores: Tensor, mask: Tensor) -> Tensor:
     return scores.masked_fill(~mask, float("-inf"))
+
+
+def append_tokens(h: Tensor, mask: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Append ``tokens (B, K, E)`` to every bag of ``h (B, N, E)`` as ``K`` further valid instances.
+
+    Returns ``(B, N + K, E)`` and its mask. Aggregators that compact a bag's valid instances to the front (TransMIL)
+    see the tokens right after the bag's own instances; order-free aggregators see them as plain instances.
+    """
+    ones = torch.ones(tokens.shape[:2], dtype=torch.bool, device=mask.device)
+    return torch.cat([h, tokens], dim=1), torch.cat([mask.to(torch.bool), ones], dim=1)
+
+
+def class_aware_probability(weight: Tensor, weighted: Tensor) -> Tensor:
+    """MHIM-v2's class-aware instance probability ``s_i = max_c softmax_c(W (a_i z_i))``.
+
+    ``weight (C, E)`` is the bag classifier's weight; ``weighted (..., N, E)`` holds the attention-weighted
+    instance features ``a_i z_i``. The classifier bias is left out: the official code adds one constant (the
+    first class's bias) to every class, which the softmax cancels. Returns ``(..., N)``.
+    """
+    return torch.softmax(weighted @ weight.T, dim=-1).amax(-1)
+
+
+SCORE_KINDS = ("attention", "class_aware")
+
+
+def check_score_kind(kind: str) -> None:
+    """``score_instances`` kinds: ``"attention"`` (MHIM-v1) or ``"class_aware"`` (MHIM-v2)."""
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"unknown instance score kind {kind!r}; choose from {SCORE_KINDS}")

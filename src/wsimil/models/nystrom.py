@@ -55,6 +55,12 @@ class NystromAttention(nn.Module):
     def forward(self, x: Tensor, lengths: Tensor, cls_attention: bool = False) -> tuple[Tensor, Tensor | None]:
         """Returns the output ``(B, L, dim)`` (padding rows are zero) and, if ``cls_attention``, the attention of
         token 0 to every token ``(B, heads, L)``."""
+        out, cls, _ = self.attend(x, lengths, cls_attention)
+        return out, cls
+
+    def attend(self, x: Tensor, lengths: Tensor, cls_attention: bool = False) -> tuple[Tensor, Tensor | None, Tensor]:
+        """:meth:`forward` plus the values ``(B, heads, L, dim_head)`` (zero on padding), which MHIM-v2 weights by
+        the CLS attention per head to score instances."""
         b, seq_len, _ = x.shape
         h, m = self.heads, self.m
         pos = torch.arange(seq_len, device=x.device)
@@ -90,7 +96,7 @@ class NystromAttention(nn.Module):
         cls = None
         if cls_attention:
             cls = ((attn1[:, :, :1] @ attn2_inv) @ attn3).squeeze(2)  # (B, heads, L)
-        return out, cls
+        return out, cls, v
 
 
 def square_side(n: Tensor) -> Tensor:

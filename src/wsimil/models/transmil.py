@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from wsimil.models.base import MILModel, MILOutput, full_mask, register_model
-from wsimil.models.layers import projection
+from wsimil.models.layers import append_tokens, check_score_kind, class_aware_probability, projection
 from wsimil.models.nystrom import NystromAttention, square_side
 
 
@@ -31,6 +31,11 @@ class TransLayer(nn.Module):
     def forward(self, x: Tensor, lengths: Tensor, cls_attention: bool = False) -> tuple[Tensor, Tensor | None]:
         out, cls = self.attn(self.norm(x), lengths, cls_attention)
         return x + out, cls
+
+    def attend(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`forward` with the CLS attention ``(B, heads, L)`` and the values ``(B, heads, L, d)``."""
+        out, cls, v = self.attn.attend(self.norm(x), lengths, cls_attention=True)
+        return x + out, cls, v
 
 
 class PPEG(nn.Module):
@@ -83,9 +88,45 @@ class TransMIL(MILModel):
         self.classifier = nn.Linear(dim, n_classes)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> MILOutput:
+        return self.aggregate(self.embed(x), mask)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Projected instance tokens ``h (B, N, E)`` of ``x (B, N, D)``."""
+        return self.proj(x)
+
+    def aggregate(self, h: Tensor, mask: Tensor | None = None, extra_tokens: Tensor | None = None) -> MILOutput:
+        """The transformer on projected tokens ``h (B, N, E)``; ``extra_tokens (B, K, E)`` (MHIM-v2's recycle
+        tokens) follow each bag's own instances in its sequence (outputs then cover ``N + K`` positions)."""
+        m = full_mask(h, mask)
+        if extra_tokens is not None:
+            h, m = append_tokens(h, m, extra_tokens)
+        out, _, _ = self._run(h, m, first_layer=False)
+        return out
+
+    def score_instances(
+        self, x: Tensor, mask: Tensor | None = None, kind: str = "attention"
+    ) -> tuple[MILOutput, Tensor]:
+        """The full-bag output and MHIM's teacher scores from the *first* layer, ``-inf`` on padding:
+
+        - ``"attention"`` (MHIM-v1): the CLS token's attention to each instance per head, ``(B, heads, N)``;
+        - ``"class_aware"`` (MHIM-v2): per head, attention × value ``a_hi v_hi``, heads concatenated and passed
+          through the layer's output projection ``W_O``, then ``max_c softmax_c(W ·)`` with the classifier
+          weight ``W``: ``(B, N)``.
+        """
+        check_score_kind(kind)
         m = full_mask(x, mask)
-        b, n, _ = x.shape
-        h = self.proj(x)
+        out, att, values = self._run(self.embed(x), m, first_layer=True)
+        if kind == "attention":
+            return out, att.masked_fill(~m[:, None, :], float("-inf"))
+        weighted = att.unsqueeze(-1) * values  # (B, H, N, d)
+        feats = self.layer1.attn.to_out(weighted.permute(0, 2, 1, 3).flatten(2))  # (B, N, E)
+        s = class_aware_probability(self.classifier.weight, feats)
+        return out, s.masked_fill(~m, float("-inf"))
+
+    def _run(self, h: Tensor, m: Tensor, first_layer: bool) -> tuple[MILOutput, Tensor | None, Tensor | None]:
+        """Forward on tokens ``h (B, N, E)`` with mask ``m``; with ``first_layer`` also the first layer's CLS
+        attention ``(B, heads, N)`` and values ``(B, heads, N, d)`` at the input positions (zero on padding)."""
+        b, n, _ = h.shape
         # Compact each bag's valid instances to the front (stable, so order is kept).
         order = torch.argsort((~m).to(torch.int8), dim=1, stable=True)
         h = torch.gather(h, 1, order[..., None].expand_as(h))
@@ -93,24 +134,40 @@ class TransMIL(MILModel):
         side = square_side(n_valid)
         n_sq = side * side
         t = int(n_sq.max())
-        j = torch.arange(t, device=x.device)
+        j = torch.arange(t, device=h.device)
         src = torch.where(j[None, :] < n_valid[:, None], j[None, :], j[None, :] - n_valid[:, None])
         src = src.clamp(0, max(n - 1, 0))
         tokens = torch.gather(h, 1, src[..., None].expand(-1, -1, h.shape[-1]))
         tokens = tokens * (j[None, :] < n_sq[:, None])[..., None]
         seq = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
         lengths = n_sq + 1
-        seq, _ = self.layer1(seq, lengths)
+        first_att = first_values = None
+        if first_layer:
+            seq, cls1, v1 = self.layer1.attend(seq, lengths)
+            first_att = _to_input_positions(cls1[:, :, 1 : n + 1], order, m)
+            v1 = v1[:, :, 1 : n + 1].transpose(1, 2).flatten(2)  # (B, n', H·d), compacted order
+            first_values = _to_input_positions(v1.transpose(1, 2), order, m)  # (B, H·d, N)
+            first_values = first_values.view(b, cls1.shape[1], -1, n).transpose(2, 3)  # (B, H, N, d)
+        else:
+            seq, _ = self.layer1(seq, lengths)
         seq = torch.cat([seq[:, :1], self.ppeg(seq[:, 1:], side)], dim=1)
         seq, cls_att = self.layer2(seq, lengths, cls_attention=True)
         z = self.norm(seq[:, 0])
         # Attention of CLS to the original instances, scattered back to their input positions.
-        att = cls_att[:, :, 1 : n + 1]
-        if att.shape[-1] < n:
-            att = torch.cat([att, att.new_zeros(b, att.shape[1], n - att.shape[-1])], dim=-1)
-        att_in = torch.empty_like(att).scatter_(2, order[:, None, :].expand_as(att), att)
+        att_in = _to_input_positions(cls_att[:, :, 1 : n + 1], order, m)
         att_in = att_in.masked_fill(~m[:, None, :], float("-inf"))
-        return MILOutput(logits=self.classifier(z), bag_embedding=z, attention_logits=att_in)
+        out = MILOutput(logits=self.classifier(z), bag_embedding=z, attention_logits=att_in)
+        return out, first_att, first_values
+
+
+def _to_input_positions(t: Tensor, order: Tensor, m: Tensor) -> Tensor:
+    """``t (B, F, n')`` over the compacted sequence (valid instances first) → ``(B, F, N)`` at the input positions
+    ``order`` came from, zero on padding."""
+    b, f, n = t.shape[0], t.shape[1], m.shape[1]
+    if t.shape[-1] < n:
+        t = torch.cat([t, t.new_zeros(b, f, n - t.shape[-1])], dim=-1)
+    out = torch.empty_like(t).scatter_(2, order[:, None, :].expand_as(t), t)
+    return out.masked_fill(~m[:, None, :], 0.0)
 
 
 @register_model("transmil")
