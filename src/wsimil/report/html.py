@@ -41,6 +41,7 @@ th,td{border:1px solid #dde2ea;padding:4px 8px;text-align:right} th{background:#
 td.l,th.l{text-align:left} tr.bad td{background:#fff1f0}
 .plots{display:flex;flex-wrap:wrap;gap:14px} .plots figure{margin:0;background:#fff;padding:8px;
 border:1px solid #dde2ea} .plots img{max-width:520px;height:auto;display:block}
+.plots figure.wide img{max-width:1100px}
 .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:14px}
 .card{background:#fff;border:1px solid #dde2ea;padding:8px} .card img{width:100%;height:auto;display:block}
 .card .cap{font-size:.85em;margin-top:4px} pre{background:#fff;border:1px solid #dde2ea;padding:10px;
@@ -190,7 +191,7 @@ def _plots_section(pred: pd.DataFrame, classes: list[str], history: pd.DataFrame
             parts.append('<div class="plots">' + "".join(f"<figure>{_img(b, a)}</figure>" for b, a in figs) + "</div>")
     if history is not None and (png := history_png(history)) is not None:
         parts.append("<h2>Training curves</h2>")
-        parts.append(f'<div class="plots"><figure>{_img(png, "training curves")}</figure></div>')
+        parts.append(f'<div class="plots"><figure class="wide">{_img(png, "training curves")}</figure></div>')
     return "\n".join(parts)
 
 
