@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from wsimil.errors import WsimilError
 
@@ -54,6 +54,16 @@ class TrainConfig(BaseModel):
     device: str = "auto"
     eval_batch_size: int = Field(8, ge=1)
     max_memory_gb: float = Field(16.0, ge=0, description="keep bags in RAM up to this size, else read from disk")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data: Any) -> Any:
+        """Fields left unset take the method's own defaults (``TrainingMethod.config_defaults``)."""
+        if isinstance(data, dict) and isinstance(data.get("method"), str):
+            from wsimil.methods.base import method_config_defaults
+
+            data = {**method_config_defaults(data["method"]), **data}
+        return data
 
     @field_validator("model")
     @classmethod

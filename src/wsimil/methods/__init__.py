@@ -1,6 +1,6 @@
 """Training methods (strategies) run by one trainer: ``supervised`` now; MHIM, WENO, HMIL and LRMIL plug in here."""
 
-from wsimil.methods import hmil, mhim, supervised  # noqa: F401  (fill the registry)
+from wsimil.methods import hmil, mhim, supervised, weno  # noqa: F401  (fill the registry)
 from wsimil.methods.base import TrainingMethod, create_method, list_methods, register_method
 
 __all__ = ["TrainingMethod", "create_method", "list_methods", "register_method"]

@@ -69,6 +69,8 @@ class TrainingMethod:
     defaults: dict[str, Any] = {}
     #: manifest column holding the label when the user leaves ``label_column`` at its default (HMIL: fine_label)
     label_column: str | None = None
+    #: TrainConfig fields whose default this method changes (e.g. WENO: SGD, lr 1e-3); a value the user sets wins
+    config_defaults: dict[str, Any] = {}
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -174,6 +176,13 @@ def create_method(cfg: TrainConfig) -> TrainingMethod:
     if cfg.method not in _METHODS:
         raise WsimilError(f"unknown method {cfg.method!r}; available: {', '.join(list_methods())}")
     return _METHODS[cfg.method](cfg)
+
+
+def method_config_defaults(name: str) -> dict[str, Any]:
+    """The ``config_defaults`` of method ``name`` (empty for an unknown name, which ``create_method`` reports)."""
+    _load_builtin()
+    cls = _METHODS.get(name)
+    return dict(cls.config_defaults) if cls is not None else {}
 
 
 def _load_builtin() -> None:
