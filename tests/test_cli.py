@@ -148,6 +148,9 @@ def test_demo_end_to_end(tmp_path):
         assert r["metrics"]["auc"]["mean"] is not None and "instance_auc" in r["metrics"]
     assert (tmp_path / "d" / "job" / "links").is_dir() and (tmp_path / "d" / "job" / "qc").is_dir()
     assert str((tmp_path / "d" / "run_20x").resolve()) in res.output.replace("\n", "")
+    # the demo ends with the 20x model's bundle and an HTML report, and prints where they are
+    assert (tmp_path / "d" / "bundle" / "bundle.json").is_file() and (tmp_path / "d" / "report.html").is_file()
+    assert str((tmp_path / "d" / "report.html").resolve()) in res.output.replace("\n", "")
 
 
 def test_feature_width_mismatch_message(tmp_path):

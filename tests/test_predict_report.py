@@ -155,24 +155,37 @@ def test_report_contents(synth_run):
 
 
 def test_report_lrmil_comparison_and_heads(synth_run, tmp_path):
+    """An LRMIL run as `wsimil lrmil` writes it: metrics and folds per arm, seconds per slide of both paths, the LR
+    student's run folder for curves and slides."""
     d, _ = synth_run
-    run = tmp_path / "run"
-    shutil.copytree(d / "run", run)
-    res = json.loads((run / "results.json").read_text())
-    res["teacher_hr"] = {"metrics": {"auc": {"mean": 0.951, "std": 0.011}}}
-    res["baseline_lr"] = {"metrics": {"auc": {"mean": 0.702, "std": 0.05}}}
-    res["student_lr"] = {"metrics": {"auc": {"mean": 0.903, "std": 0.021}}}
-    res["seconds_per_slide"] = {"hr": 12.5, "lr": {"tiling": 0.4, "features": 0.8}}
-    res["metrics_teacher"] = {"auc": {"mean": 0.812, "std": 0.004}}
+    run = tmp_path / "lrmil"
+    shutil.copytree(d / "run", run / "student")
+    plain = json.loads((d / "run" / "results.json").read_text())
+    auc = {"teacher_hr": (0.951, 0.011), "baseline_lr": (0.702, 0.05), "student_lr": (0.903, 0.021)}
+    res = {
+        "metrics": {k: {"auc": {"mean": m, "std": s}} for k, (m, s) in auc.items()},
+        "folds": {k: plain["folds"] for k in auc},
+        "seconds_per_slide": {"hr": 12.5, "lr": 0.75, "speedup": 16.7, "patches_per_slide": {"hr": 900, "lr": 60}},
+        "runs": {"teacher_hr": "teacher", "baseline_lr": "baseline_lr", "student_lr": "student"},
+        "metrics_teacher": {"auc": {"mean": 0.812, "std": 0.004}},
+    }
     (run / "results.json").write_text(json.dumps(res))
     from wsimil.report import build_report
+    from wsimil.report.html import lrmil_arms
 
     text = build_report(run, max_heatmaps=0).read_text()
-    assert "LRMIL: high vs. low resolution" in text
+    assert "LRMIL: high vs. low resolution" in text and "<h2>Metrics" not in text
     for name, v in (("HR teacher (20×)", "0.951 ± 0.011"), ("LR student (5×)", "0.903 ± 0.021")):
         assert re.search(re.escape(name) + r"</td><td[^>]*>" + re.escape(v), text)
-    assert "lr / features</td><td" in text and "12.500" in text
+    assert "LR baseline (5×) per fold (95% CI)" in text
+    ci = plain["folds"][0]["ci"]["auc"]
+    assert f"{ci['value']:.3f} <span class='sub'>[{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]" in text
+    assert "patches_per_slide / lr</td><td" in text and "12.500" in text and 'alt="seconds per slide"' in text
     assert "Head <code>teacher</code>" in text and "0.812 ± 0.004" in text
+    assert 'alt="ROC curves"' in text and "synth_0003</td>" in text  # the student's out-of-fold predictions
+    # the same arms given as top-level entries
+    top = {k: {"metrics": v} for k, v in res["metrics"].items()}
+    assert lrmil_arms(top)["student_lr"]["metrics"]["auc"]["mean"] == 0.903
 
 
 def test_report_renders_in_headless_chromium(synth_run):

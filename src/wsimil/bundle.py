@@ -357,6 +357,11 @@ def load_bundle(path: str | Path) -> Bundle:
     if not (p / BUNDLE_FILE).is_file() and (p / "bundle" / BUNDLE_FILE).is_file():
         p = p / "bundle"
     meta_path = p / BUNDLE_FILE
+    if not meta_path.is_file() and (p / "lrmil.json").is_file():
+        raise WsimilError(
+            f"{p} is an LRMIL pipeline bundle (lrmil.json: one distilled encoder per fold), not a single-encoder model "
+            "bundle; score slides with the LRMIL pipeline's own predict (wsimil.lrmil)"
+        )
     if not meta_path.is_file():
         raise WsimilError(
             f"{path} is not a wsimil model bundle: {meta_path} is missing (`wsimil train` writes RUN/bundle/)"

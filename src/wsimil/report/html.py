@@ -119,38 +119,53 @@ def _folds_table(folds: list[dict], metrics_key: str = "metrics", ci_key: str = 
     return _table(["repeat", "fold", "n test", *map(html.escape, names)], rows, left=2)
 
 
+def lrmil_arms(res: dict) -> dict[str, dict]:
+    """The LRMIL arms of a ``results.json`` as ``{arm: {"metrics": {m: {mean, std}}, "folds": [...]}}``, in the
+    layout ``wsimil lrmil`` writes (``metrics`` and ``folds`` keyed by arm) or with one top-level entry per arm."""
+    arms: dict[str, dict] = {}
+    metrics, folds = res.get("metrics"), res.get("folds")
+    for arm in LRMIL_ARMS:
+        if isinstance(metrics, dict) and isinstance(metrics.get(arm), dict):
+            arms[arm] = {"metrics": metrics[arm], "folds": folds.get(arm, []) if isinstance(folds, dict) else []}
+        elif isinstance(res.get(arm), dict):
+            v = res[arm]
+            arms[arm] = {"metrics": v.get("metrics", v), "folds": v.get("folds", [])}
+    return arms
+
+
+def _arm_cell(v: Any) -> str:
+    if isinstance(v, dict) and "mean" in v:
+        return f"{_num(v.get('mean'))} ± {_num(v.get('std'))}"
+    if isinstance(v, dict) and "value" in v:
+        return f"{_num(v['value'])} [{_num(v.get('ci_low'))}, {_num(v.get('ci_high'))}]"
+    return _num(v) if not isinstance(v, dict) else ""
+
+
 def _lrmil_section(res: dict) -> str:
-    """The HR/LR comparison (one row per arm present) and the measured seconds per slide."""
-    arms = {k: v for k, v in res.items() if k in LRMIL_ARMS and isinstance(v, dict)}
+    """The HR/LR comparison (one row per arm, then each arm's folds with CIs) and the measured seconds per slide."""
+    arms = lrmil_arms(res)
     if not arms and "seconds_per_slide" not in res:
         return ""
     from wsimil.viz.plots import timing_png
 
     parts = ["<h2>LRMIL: high vs. low resolution</h2>"]
     if arms:
-        summaries = {k: v.get("metrics", v) for k, v in arms.items()}
-        names = _metric_names(m for s in summaries.values() for m in s if isinstance(s, dict))
-        rows = []
-        for k, s in summaries.items():
-            cells = []
-            for m in names:
-                v = s.get(m)
-                if isinstance(v, dict) and "mean" in v:
-                    cells.append(f"{_num(v.get('mean'))} ± {_num(v.get('std'))}")
-                elif isinstance(v, dict) and "value" in v:
-                    cells.append(f"{_num(v['value'])} [{_num(v.get('ci_low'))}, {_num(v.get('ci_high'))}]")
-                else:
-                    cells.append(_num(v) if not isinstance(v, dict) else "")
-            rows.append([html.escape(LRMIL_ARMS[k]), *cells])
+        names = _metric_names(m for a in arms.values() for m in a["metrics"])
+        rows = [[html.escape(LRMIL_ARMS[k]), *(_arm_cell(a["metrics"].get(m)) for m in names)] for k, a in arms.items()]
+        parts += ["<p class='note'>Mean ± standard deviation over test folds.</p>"]
         parts.append(_table(["model", *map(html.escape, names)], rows))
+        for k, a in arms.items():
+            if a["folds"]:
+                parts += [f"<h3>{html.escape(LRMIL_ARMS[k])} per fold (95% CI)</h3>", _folds_table(a["folds"])]
     sps = res.get("seconds_per_slide")
     if isinstance(sps, dict):
         flat = _flatten(sps)
         parts.append("<h3>Inference time per slide</h3>")
-        parts.append(_table(["path", "seconds per slide"], [[html.escape(k), _num(v, 3)] for k, v in flat.items()]))
-        numeric = {k: float(v) for k, v in flat.items() if isinstance(v, int | float) and np.isfinite(v)}
-        if numeric:
-            parts.append(f'<div class="plots"><figure>{_img(timing_png(numeric), "seconds per slide")}</figure></div>')
+        parts.append(_table(["", "value"], [[html.escape(k), _num(v, 3)] for k, v in flat.items()]))
+        paths = {"hr": "HR path (20× tiles, E_T, teacher)", "lr": "LR path (5× tiles, E_S, student)"}
+        secs = {paths[k]: float(sps[k]) for k in paths if isinstance(sps.get(k), int | float)}
+        if secs:
+            parts.append(f'<div class="plots"><figure>{_img(timing_png(secs), "seconds per slide")}</figure></div>')
     elif isinstance(sps, int | float):
         parts.append(f"<p>Seconds per slide: {_num(sps)}</p>")
     return "\n".join(parts)
@@ -266,6 +281,8 @@ def _slides_section(
         parts.append('<div class="cards">' + "".join(cards) + "</div>")
         if len(first) > max_heatmaps:
             parts.append(f"<p class='note'>Heatmaps for the first {max_heatmaps} of {len(first)} slides.</p>")
+    elif not notes and not (run / "bundle").is_dir():
+        notes.append(f"No heatmaps: {run / 'bundle'} is missing (written by `wsimil train`).")
     elif not notes:
         notes.append(
             "No heatmaps: the slide files or patch coordinates of this run's features were not found "
@@ -291,19 +308,24 @@ def build_report(
     res = json.loads(res_path.read_text())
     cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else res.get("config", {})
     cfg = cfg or {}
-    classes = [str(c) for c in cfg.get("classes", [])]
-    pred = pd.read_csv(run / "predictions.csv", dtype={"slide_id": str, "label": str}) if (
-        run / "predictions.csv").is_file() else pd.DataFrame()  # fmt: skip
-    history = pd.read_csv(run / "history.csv") if (run / "history.csv").is_file() else None
+    arms = lrmil_arms(res)
+    nested = bool(arms) and isinstance(res.get("metrics"), dict) and set(res["metrics"]) <= set(LRMIL_ARMS)
+    # an LRMIL run (wsimil lrmil): curves and slides are those of the deployed LR student's run folder
+    pred_run = run / str((res.get("runs") or {}).get("student_lr", "student")) if nested else run
+    pred = pd.read_csv(pred_run / "predictions.csv", dtype={"slide_id": str, "label": str}) if (
+        pred_run / "predictions.csv").is_file() else pd.DataFrame()  # fmt: skip
+    history = pd.read_csv(pred_run / "history.csv") if (pred_run / "history.csv").is_file() else None
+    classes = [str(c) for c in cfg.get("classes", [])] or [c[5:] for c in pred.columns if c.startswith("prob_")]
     out = Path(out) if out is not None else run / "report.html"
     console.print(f"Writing report of {run} → {out}")
 
     title = f"wsimil report — {run.resolve().name}"
+    n_models = pred.groupby(["repeat", "fold"]).ngroups if {"repeat", "fold"} <= set(pred.columns) else "?"
     n_slides = pred["slide_id"].nunique() if len(pred) else "?"
     sub = (
         f"model <b>{html.escape(str(cfg.get('model', '?')))}</b>, method <b>{html.escape(str(cfg.get('method', '?')))}"
         f"</b>, task {html.escape(str(cfg.get('task', 'classification')))}, {n_slides} slides, classes "
-        f"{html.escape(', '.join(classes))}, {len(res.get('folds', []))} fold model(s)"
+        f"{html.escape(', '.join(classes))}, {n_models} fold model(s)"
     )
     parts = [
         f"<h1>{html.escape(title)}</h1>",
@@ -311,12 +333,15 @@ def build_report(
         f"<p class='sub'>run {html.escape(str(run.resolve()))} · trained with wsimil "
         f"{html.escape(str(cfg.get('wsimil_version', '?')))} · report by wsimil {__version__} on "
         f"{_dt.date.today().isoformat()}</p>",
-        "<h2>Metrics</h2><p class='note'>Mean ± standard deviation over test folds.</p>",
-        _summary_table(res.get("metrics", {})),
     ]
+    if not nested:
+        parts += [
+            "<h2>Metrics</h2><p class='note'>Mean ± standard deviation over test folds.</p>",
+            _summary_table(res.get("metrics", {})),
+        ]
     if "repeat_metrics" in res:
         parts += ["<h3>Across repeats</h3>", _summary_table(res["repeat_metrics"])]
-    if res.get("folds"):
+    if res.get("folds") and not nested:
         parts += [
             "<h3>Per fold</h3><p class='note'>Test-fold value with its bootstrap 95% confidence interval.</p>",
             _folds_table(res["folds"]),
@@ -324,15 +349,17 @@ def build_report(
     for key in sorted(k for k in res if k.startswith("metrics_")):
         head = key.removeprefix("metrics_")
         parts += [f"<h3>Head <code>{html.escape(head)}</code></h3>", _summary_table(res[key])]
-        if any(key in f for f in res.get("folds", [])):
+        if not nested and any(key in f for f in res.get("folds", [])):
             parts.append(_folds_table(res["folds"], key, f"ci_{head}"))
     parts.append(_lrmil_section(res))
+    if nested and len(pred):
+        parts.append(f"<p class='note'>Curves and slides below: the LR student ({html.escape(str(pred_run))}).</p>")
     if classes and cfg.get("task", "classification") == "classification":
         parts.append(_plots_section(pred, classes, history))
     elif history is not None:
         parts.append(_plots_section(pd.DataFrame(), [], history))
     if len(pred):
-        parts.append(_slides_section(run, pred, classes, slides, max_heatmaps, heatmap_size, top_k))
+        parts.append(_slides_section(pred_run, pred, classes, slides, max_heatmaps, heatmap_size, top_k))
     keys = ["model", "method", "model_kwargs", "method_kwargs", "epochs", "lr", "optimizer", "batch_size", "folds",
             "repeats", "standardize", "seed", "features", "manifest"]  # fmt: skip
     rows = [[html.escape(k), html.escape(json.dumps(cfg[k], default=str))] for k in keys if k in cfg]
