@@ -435,12 +435,14 @@ def heatmap(
         if slides is None:
             raise WsimilError("--model needs --slides (the slides to predict and draw)")
         predictions = out / "predict"
-        predict_slides(model, slides, predictions, device=device, mpp=mpp)
+        table = predict_slides(model, slides, predictions, device=device, mpp=mpp)
         slides = None
     if run is not None:
         pngs, failed = heatmaps_for_run(run, out, map_name, slides, **kw)
     else:
         pngs, failed = heatmaps_for_predictions(predictions, out, map_name, slides, **kw)
+    if model is not None:
+        failed.update({r["slide_id"]: r["error"] for _, r in table.iterrows() if r["status"] == "failed"})
     console.print(f"Wrote {len(pngs)} heatmap(s) to {out}", soft_wrap=True)
     for sid, err in failed.items():
         console.print(f"[red]failed[/] {sid}: {err}", highlight=False, soft_wrap=True)
