@@ -152,7 +152,7 @@ def build_hierarchy(manifest: Manifest, hierarchy_file: str | Path | None = None
     has_col = column in df.columns
     col = df[column].astype(str).str.strip().to_numpy() if has_col else None
     problems: list[str] = []
-    if has_col:
+    if has_col and hierarchy_file is None:  # with a file, the column is only checked where it is filled in
         empty = np.flatnonzero((col == "") | (np.char.lower(col.astype(str)) == "nan"))
         if len(empty):
             sids = ", ".join(repr(s) for s in df["slide_id"].iloc[empty[:5]])

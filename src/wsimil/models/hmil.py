@@ -12,7 +12,8 @@ Per bag ``x (N, D)``:
 - one ``Linear(dim, 1)`` per level, shared by the class rows, scores row ``k`` as class ``k``'s logit.
 
 Widths follow the official repository (``ChengJin-git/HMIL``, where SPEC §4 is silent): MLP hidden 256, fine
-features 256, attention hidden 256 (coarse) and 64 (fine), Kaiming-normal weights with zero biases. One departure:
+features 256, attention hidden 256 (coarse) and 64 (fine), no dropout (``dropout`` adds it after the MLP's ReLU,
+``attn_dropout`` in the attention), Kaiming-normal weights with zero biases. One departure:
 the official MLP maps back to the input width (1024 for its ResNet features); here ``coarse_dim`` (default 512) is
 independent of the encoder, so foundation-model features of any width give the same aggregator.
 """
@@ -81,7 +82,7 @@ class HMILNet(MILModel):
         fine_dim: int = 256,
         coarse_attn_dim: int = 256,
         fine_attn_dim: int = 64,
-        dropout: float = 0.25,
+        dropout: float = 0.0,
         attn_dropout: float = 0.0,
         init: str = "kaiming",
     ):
