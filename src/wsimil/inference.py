@@ -212,7 +212,8 @@ def predict_slides(
     st = b.extract_settings(dev, encoder_weights, batch_size=batch_size)
     encoder = b.build_encoder(encoder_weights) if backend == "local" else None
     console.print(
-        f"Predicting with {b.model} ({len(members)} model{'s' * (len(members) > 1)}, {b.tiling.mag:g}x "
+        f"Predicting with {b.model if b.method == 'supervised' else b.method} ({len(members)} model"
+        f"{'s' * (len(members) > 1)}, {b.tiling.mag:g}x "
         f"{b.tiling.patch_size}px, encoder {st.encoder}) → {out}"
     )
     tiles = run_tiling(slides, job, tiling, workers=workers, overwrite=overwrite)
