@@ -165,3 +165,36 @@ def test_encoder_weights_are_copied_and_checked(digit_run, tmp_path):
         b.check_features("s", tmp_path / "f" / "s.h5", b.in_dim)
     with pytest.raises(WsimilError, match="both encoder and tiling"):
         write_bundle(tmp_path / "c", ckpts, encoder=enc, tiling=None)
+
+
+def test_survival_bundle_predicts_risk_and_reports_c_index(tmp_path):
+    """Survival bundles predict the risk −Σ_k S_k (members averaged), not a class; the report shows each fold's
+    c-index with its bootstrap interval."""
+    import pandas as pd
+
+    from wsimil.config import load_config
+    from wsimil.data.synthetic import make_digit_bags, write_bags
+    from wsimil.evaluation.survival import risk_from_logits
+    from wsimil.features.store import FeatureStore
+    from wsimil.inference import predict_features
+    from wsimil.methods.trainer import run_training
+    from wsimil.report import build_report
+
+    m = write_bags(make_digit_bags(16, seed=2), tmp_path / "c")
+    df = pd.read_csv(m)
+    df["time"], df["event"] = np.arange(len(df)) + 1.0, np.arange(len(df)) % 2
+    df.to_csv(m, index=False)
+    cfg = load_config(model="mean", folds=2, epochs=1, task="survival", bootstrap=20, val_fraction=0.0)
+    run_training(cfg, tmp_path / "c" / "features", m, tmp_path / "run")
+    b = load_bundle(tmp_path / "run")
+    predict_features(b, tmp_path / "c" / "features", tmp_path / "p", device="cpu")
+    pred = pd.read_csv(tmp_path / "p" / "predictions.csv", dtype={"slide_id": str})
+    assert list(pred.columns) == ["slide_id", "risk"]
+    x = torch.from_numpy(FeatureStore(tmp_path / "c" / "features").read(pred["slide_id"][0]).features)[None]
+    risks = [risk_from_logits(mod(s(x)).logits.detach().numpy())[0] for mod, s in b.load_models()]
+    assert pred["risk"][0] == pytest.approx(np.mean(risks), abs=1e-5)
+    text = build_report(tmp_path / "run", max_heatmaps=0).read_text()
+    f0 = json.loads((tmp_path / "run" / "results.json").read_text())["folds"][0]
+    ci = f0["ci"]["c_index"]
+    assert f"{f0['metrics']['c_index']:.3f} <span class='sub'>[{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]" in text
+    assert '<th class="">risk</th>' in text and "ROC" not in text

@@ -6,6 +6,7 @@ the bundle's settings, files are written atomically, and a slide that fails at a
 ``OUT/status.csv`` while the others go on. Outputs::
 
     OUT/predictions.csv       slide_id, prob_<class>…, predicted[, <head>_prob_<class>…, <head>_predicted]
+                              (survival bundles: slide_id, risk = −Σ_k S_k, the members' mean)
     OUT/scores/{slide_id}.h5  coords (N, 2) level-0; maps (K, N) with attribute names (K map names); probs (C,);
                               member_probs (F, C)
     OUT/status.csv            slide_id, status (ok/failed), stage, error
@@ -162,10 +163,11 @@ def read_scores(path: str | Path) -> dict:
 
 def _prediction_row(sid: str, s: SlideScores, bundle: Bundle) -> dict:
     row: dict = {"slide_id": sid}
-    row.update({f"prob_{c}": float(p) for c, p in zip(bundle.classes, s.probs, strict=True)})
-    row["predicted"] = bundle.classes[int(np.argmax(s.probs))]
-    if s.risk is not None:
+    if s.risk is not None:  # survival: the bins' softmax is no class prediction (hazards are per-bin sigmoids)
         row["risk"] = s.risk
+    else:
+        row.update({f"prob_{c}": float(p) for c, p in zip(bundle.classes, s.probs, strict=True)})
+        row["predicted"] = bundle.classes[int(np.argmax(s.probs))]
     for head, p in s.extra_probs.items():
         names = bundle.head_classes.get(head) or [str(i) for i in range(len(p))]
         row.update({f"{head}_prob_{c}": float(v) for c, v in zip(names, p, strict=True)})
@@ -175,6 +177,8 @@ def _prediction_row(sid: str, s: SlideScores, bundle: Bundle) -> dict:
 
 def _finish(out: Path, rows: list[dict], status: list[dict], bundle: Bundle) -> pd.DataFrame:
     cols = ["slide_id", *[f"prob_{c}" for c in bundle.classes], "predicted"]
+    if bundle.task == "survival":
+        cols = ["slide_id", "risk"]
     write_csv(out / "predictions.csv", pd.DataFrame(rows, columns=None if rows else cols))
     table = pd.DataFrame(status, columns=["slide_id", "status", "stage", "error", "seconds"])
     write_csv(out / "status.csv", table)

@@ -103,7 +103,8 @@ def _summary_table(metrics: dict[str, Any]) -> str:
 def _ci_cell(metrics: dict, ci: dict | None, m: str) -> str:
     if ci and m in ci and isinstance(ci[m], dict):
         c = ci[m]
-        return f"{_num(c.get('value'))} <span class='sub'>[{_num(c.get('ci_low'))}, {_num(c.get('ci_high'))}]</span>"
+        v = c.get("value", metrics.get(m))
+        return f"{_num(v)} <span class='sub'>[{_num(c.get('ci_low'))}, {_num(c.get('ci_high'))}]</span>"
     return _num(metrics.get(m))
 
 
@@ -220,15 +221,9 @@ def _pick_map(maps: dict[str, np.ndarray], kind: str, predicted: str) -> str:
     return names[0]
 
 
-def _slides_section(
-    run: Path, pred: pd.DataFrame, classes: list[str], slides, max_heatmaps: int, size: int, top_k: int
-) -> str:
-    from wsimil.inference import score_run_slides
-    from wsimil.viz.heatmap import HeatmapInput, render_heatmap
-
-    prob_cols = [f"prob_{c}" for c in classes if f"prob_{c}" in pred.columns]
-    first = pred.drop_duplicates("slide_id", keep="first").copy()
-    parts = ["<h2>Per-slide predictions</h2>"]
+def _classification_table(first: pd.DataFrame, classes: list[str]) -> str:
+    """Slide, fold, label, predicted class (argmax), ✓/✗ and class probabilities; adds ``predicted`` to ``first``."""
+    prob_cols = [f"prob_{c}" for c in classes if f"prob_{c}" in first.columns]
     if prob_cols:
         first["predicted"] = [classes[i] for i in first[prob_cols].to_numpy(dtype=float).argmax(1)]
     rows, row_cls = [], []
@@ -243,7 +238,24 @@ def _slides_section(
         )
         row_cls.append("" if ok or "label" not in r else "bad")
     header = ["slide", "fold", "label", "predicted", "", *map(html.escape, prob_cols)]
-    parts.append(_table(header, rows, left=4, classes=row_cls))
+    return _table(header, rows, left=4, classes=row_cls)
+
+
+def _slides_section(
+    run: Path, pred: pd.DataFrame, classes: list[str], slides, max_heatmaps: int, size: int, top_k: int
+) -> str:
+    from wsimil.inference import score_run_slides
+    from wsimil.viz.heatmap import HeatmapInput, render_heatmap
+
+    first = pred.drop_duplicates("slide_id", keep="first").copy()
+    parts = ["<h2>Per-slide predictions</h2>"]
+    if "risk" in first.columns:  # survival: time, event and the predicted risk
+        cols = [c for c in ("time", "event", "risk") if c in first.columns]
+        rows = [[html.escape(str(r["slide_id"])), str(r["fold"]), *(_num(r[c]) for c in cols)] for _, r in
+                first.iterrows()]  # fmt: skip
+        parts.append(_table(["slide", "fold", *cols], rows, left=2))
+    else:
+        parts.append(_classification_table(first, classes))
 
     cards = []
     notes = []
@@ -254,7 +266,7 @@ def _slides_section(
             scored = score_run_slides(run, chosen, slides)
         except WsimilError as e:
             notes.append(f"No heatmaps: {e}")
-    pmap = dict(zip(first["slide_id"], first.get("predicted", first["slide_id"]), strict=True))
+    pmap = dict(zip(first["slide_id"], first["predicted"], strict=True)) if "predicted" in first.columns else {}
     for s in scored:
         if s.slide_path is None or s.coords is None or s.patch_size_level0 is None:
             continue
@@ -266,10 +278,9 @@ def _slides_section(
         except WsimilError as e:
             notes.append(html.escape(str(e)))
             continue
-        cap = (
-            f"<b>{html.escape(s.slide_id)}</b> — {html.escape(name)}, fold {s.fold} model (held out); "
-            f"predicted {html.escape(str(pmap.get(s.slide_id, '')))}"
-        )
+        cap = f"<b>{html.escape(s.slide_id)}</b> — {html.escape(name)}, fold {s.fold} model (held out)"
+        if s.slide_id in pmap:
+            cap += f"; predicted {html.escape(str(pmap[s.slide_id]))}"
         cards.append(f'<div class="card">{_img(_jpeg(rgb), f"heatmap {s.slide_id}", "image/jpeg")}'
                      f'<div class="cap">{cap}</div></div>')  # fmt: skip
     if cards:
