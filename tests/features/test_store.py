@@ -83,3 +83,11 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     with pytest.raises(TypeError):
         write_bag(tmp_path / "y.h5", np.ones((2, 2)), attrs={"bad": object()})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_writes_get_the_mode_of_a_plain_write(tmp_path):
+    from wsimil.io import write_text
+
+    (tmp_path / "plain.txt").write_text("x")
+    write_text(tmp_path / "atomic.txt", "x")
+    assert (tmp_path / "atomic.txt").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
