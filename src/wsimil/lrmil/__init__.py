@@ -1,0 +1,38 @@
+"""LRMIL — low-resolution MIL via high-resolution distillation (SPEC §1): classify slides from 5× patches alone with
+an encoder distilled from 20× and a student MIL taught by a 20× teacher.
+
+Steps, each usable on its own (see :mod:`wsimil.lrmil.pipeline` for the order, the fold policy and the outputs):
+
+- :mod:`~wsimil.lrmil.features` — HR features with per-layer summary tokens, LR features (``extract``);
+- :mod:`~wsimil.lrmil.teacher` — the HR teacher's logits and raw/softmax attention per fold (``dump_teacher``);
+- :mod:`~wsimil.lrmil.stage1` — patch-level cross-resolution distillation (``train_stage1``);
+- :mod:`~wsimil.lrmil.method` — the stage-2 student as trainer method ``lrmil`` (``StudentABMIL``);
+- :mod:`~wsimil.lrmil.losses` — every loss as a pure function; :mod:`~wsimil.lrmil.taps` — timm
+  ``forward_intermediates`` for CNNs and ViTs;
+- :mod:`~wsimil.lrmil.infer` / :mod:`~wsimil.lrmil.bundle` — the inference paths, their timing, the saved LR
+  pipeline and ``predict_slides``.
+
+``run_lrmil(load_lrmil_config(...), job, manifest, out)`` runs everything (``wsimil lrmil`` on the command line).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "run_lrmil": "wsimil.lrmil.pipeline",
+    "LRMILConfig": "wsimil.lrmil.config",
+    "load_lrmil_config": "wsimil.lrmil.config",
+    "predict_slides": "wsimil.lrmil.bundle",
+    "load_lrmil_bundle": "wsimil.lrmil.bundle",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:  # lazy: wsimil.methods imports wsimil.lrmil.method at start-up
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'wsimil.lrmil' has no attribute {name!r}")

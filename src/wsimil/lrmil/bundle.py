@@ -1,0 +1,216 @@
+"""The trained LR pipeline of an LRMIL run, saved under ``RUN/bundle/`` and used to score new slides from 5× alone.
+
+Layout::
+
+    lrmil.json                 what the bundle holds (written last: a folder without it is incomplete)
+    fold{k}/                   a wsimil model bundle (:mod:`wsimil.bundle`) holding fold k's student checkpoint
+    fold{k}/lrmil_encoder.pt   fold k's distilled encoder (absent when stage 1 was ablated: the LR encoder is then
+                               the registry encoder itself, as recorded in lrmil.json)
+
+``lrmil.json``: format name and version, wsimil version, class names, the encoder (registry name for the
+architecture, the student input size, the teacher weights' description, seed), the LR tiling (magnification, patch
+size, tissue detection, reader) and per fold the bundle folder and the encoder file with its SHA-256.
+
+Every fold has its own distilled encoder (stage 1 never sees the fold's test slides), so the fold bundles do not
+record an encoder for ``wsimil.bundle``: its slide path would build the registry encoder at the registry input size,
+not the distilled one at the LR patch size. :func:`predict_slides` is the slide path: tile at 5×, encode with each
+fold's encoder, average the fold students' probabilities. Nothing at 20× is read.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from wsimil import __version__
+from wsimil.errors import WsimilError
+from wsimil.features.encoders import Encoder, create_encoder, sha256_file
+from wsimil.io import write_json
+from wsimil.lrmil.features import EncodeSettings
+from wsimil.lrmil.infer import SlidePipeline
+from wsimil.slide.job import SlideSpec, TileSettings, collect_slides
+
+FORMAT = "wsimil-lrmil-bundle"
+FORMAT_VERSION = 1
+META = "lrmil.json"
+
+
+@dataclass
+class FoldEntry:
+    fold: int
+    bundle: str
+    encoder: str | None
+    encoder_sha256: str | None
+
+
+def save_bundle(
+    out: Path,
+    folds: list[tuple[int, Path, Path | None]],
+    *,
+    classes: list[str],
+    encoder: Encoder,
+    seed: int,
+    student_input: int | None,
+    tiling: TileSettings,
+    config: dict,
+) -> Path:
+    """Write ``out`` from ``folds`` = ``[(fold, student checkpoint, distilled encoder file or None)]``; ``encoder``
+    is the teacher encoder (registry name, weights, input size)."""
+    from wsimil.bundle import write_bundle
+
+    out = Path(out)
+    if (out / META).exists():
+        (out / META).unlink()
+    entries = []
+    for k, ckpt, enc_file in folds:
+        d = out / f"fold{k}"
+        write_bundle(
+            d,
+            [ckpt],
+            encoder=None,
+            tiling=None,
+            config=config,
+            slide_settings_missing=f"an LRMIL student: score slides with wsimil.lrmil.bundle.predict_slides on "
+            f"{out} (fold {k}'s distilled encoder is in {d.name}/lrmil_encoder.pt)",
+        )
+        rel = None
+        sha = None
+        if enc_file is not None:
+            rel = f"fold{k}/lrmil_encoder.pt"
+            shutil.copyfile(enc_file, out / rel)
+            sha = sha256_file(out / rel)
+        entries.append(FoldEntry(k, f"fold{k}", rel, sha))
+    weights = None if encoder.weights.startswith("random(") else encoder.weights
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "wsimil_version": __version__,
+        "classes": list(classes),
+        "encoder": {
+            "name": encoder.name,
+            "teacher_weights": encoder.weights,
+            "weights": weights.removeprefix("hub:") if weights and weights.startswith("hub:") else weights,
+            "hub": bool(weights and weights.startswith("hub:")),
+            "weights_sha256": encoder.weights_sha256,
+            "seed": seed,
+            "input_size": student_input,
+        },
+        "tiling": {
+            "mag": float(tiling.mags[0]),
+            "patch_size": tiling.patch_size,
+            "min_tissue": tiling.min_tissue,
+            "tissue": tiling.tissue.to_dict(),
+            "reader": tiling.reader,
+        },
+        "folds": [asdict(e) for e in entries],
+    }
+    write_json(out / META, meta)
+    return out
+
+
+@dataclass
+class LRMILBundle:
+    path: Path
+    meta: dict
+
+    def __post_init__(self) -> None:
+        self._base: Encoder | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def folds(self) -> list[int]:
+        return [int(e["fold"]) for e in self.meta["folds"]]
+
+    def tile_settings(self, mpp: float | None = None, reader: str | None = None) -> TileSettings:
+        from wsimil.slide.tissue import TissueParams
+
+        t = self.meta["tiling"]
+        return TileSettings(
+            mags=[float(t["mag"])],
+            patch_size=int(t["patch_size"]),
+            reader=reader or t["reader"],
+            mpp=mpp,
+            min_tissue=float(t["min_tissue"]),
+            tissue=TissueParams(**t["tissue"]),
+        )
+
+    def base_encoder(self) -> Encoder:
+        """The registry encoder (the teacher's architecture; its weights when stage 1 was ablated); built once."""
+        if self._base is not None:
+            return self._base
+        e = self.meta["encoder"]
+        if e["hub"]:
+            weights = "hub"
+        elif e["weights"]:
+            weights = e["weights"]
+            if e.get("weights_sha256") and Path(weights).is_file() and sha256_file(weights) != e["weights_sha256"]:
+                raise WsimilError(f"encoder weights {weights} do not match the checksum recorded in {self.path}")
+        else:
+            weights = None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*randomly initialised.*")
+            self._base = create_encoder(e["name"], weights, int(e["seed"]))
+        return self._base
+
+    def fold_pipeline(self, fold: int, device: str = "cpu", **encode_kw) -> SlidePipeline:
+        """Fold ``fold``'s LR path: 5× tiling, its distilled encoder, its student."""
+        from wsimil.bundle import load_bundle
+        from wsimil.lrmil.stage1 import load_student
+
+        entry = next((e for e in self.meta["folds"] if int(e["fold"]) == fold), None)
+        if entry is None:
+            raise WsimilError(f"bundle {self.path} has no fold {fold}; folds: {self.folds}")
+        base = self.base_encoder()
+        if entry["encoder"] is None:
+            encoder = base
+        else:
+            path = self.path / entry["encoder"]
+            if not path.is_file() or sha256_file(path) != entry["encoder_sha256"]:
+                raise WsimilError(f"bundle {self.path}: {entry['encoder']} is missing or does not match its checksum")
+            encoder, _ = load_student(path, base)
+        members = load_bundle(self.path / entry["bundle"]).load_models(device)
+        return SlidePipeline(self.tile_settings(), encoder, members, EncodeSettings(device=device, **encode_kw))
+
+
+def load_lrmil_bundle(path: str | Path) -> LRMILBundle:
+    """Load ``RUN/bundle`` (or a run folder holding one)."""
+    p = Path(path)
+    if not (p / META).is_file() and (p / "bundle" / META).is_file():
+        p = p / "bundle"
+    if not (p / META).is_file():
+        raise WsimilError(f"{path} is not an LRMIL bundle: {p / META} is missing (written by `wsimil lrmil`)")
+    meta = json.loads((p / META).read_text())
+    if meta.get("format") != FORMAT or int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise WsimilError(f"{p / META}: unsupported bundle format {meta.get('format')!r} v{meta.get('format_version')}")
+    return LRMILBundle(p, meta)
+
+
+def predict_slides(
+    bundle: str | Path | LRMILBundle,
+    slides: str | Path | list[SlideSpec],
+    device: str = "cpu",
+    folds: list[int] | None = None,
+    **encode_kw,
+) -> pd.DataFrame:
+    """Class probabilities of new slides from 5× alone: ``slide_id, n_patches, prob_<class>…`` (mean over the
+    chosen ``folds``; default all — each fold encodes the patches with its own distilled encoder, so one fold is
+    the fastest). ``slides``: a folder, a CSV with a ``path`` column, one slide, or ``SlideSpec`` objects."""
+    b = bundle if isinstance(bundle, LRMILBundle) else load_lrmil_bundle(bundle)
+    specs = slides if isinstance(slides, list) else collect_slides(slides)
+    pipes = [b.fold_pipeline(k, device, **encode_kw) for k in (folds or b.folds)]
+    rows = []
+    for spec in specs:
+        grid = pipes[0].tile(spec)
+        probs = np.mean([p.classify(p.features(grid, spec.mpp)) for p in pipes], 0)
+        rows.append({"slide_id": spec.slide_id, "n_patches": len(grid.coords), **dict(zip(
+            [f"prob_{c}" for c in b.classes], map(float, probs), strict=True))})  # fmt: skip
+    return pd.DataFrame(rows)

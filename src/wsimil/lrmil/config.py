@@ -1,0 +1,116 @@
+"""Typed configuration of an LRMIL run (``wsimil lrmil``; YAML: ``configs/lrmil.yaml``). Defaults follow SPEC §1;
+the resolved config is saved as ``RUN/config.yaml``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from wsimil.errors import WsimilError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class MILSettings(_Strict):
+    """An ABMIL training (teacher, LR baseline, student): the trainer's options that LRMIL exposes."""
+
+    model: Literal["abmil", "gated_abmil"] = "abmil"
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    epochs: int = Field(50, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    patience: int = Field(10, ge=1)
+    min_epochs: int = Field(10, ge=0)
+    monitor: Literal["val_auc", "val_loss"] = "val_auc"
+    batch_size: int = Field(1, ge=1)
+    standardize: bool = True
+
+
+class Stage1Config(_Strict):
+    """Patch-level cross-resolution distillation (SPEC §1 stage 1)."""
+
+    enabled: bool = True  # False = ablation "no stage 1": the student MIL reads the undistilled encoder's LR features
+    epochs: int = Field(5, ge=1)
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(16, ge=1)
+    lambda_layer: float = Field(1.0, ge=0)
+    lambda_attn: float = Field(1.0, ge=0)
+    layers: list[int] | None = None  # teacher/student blocks K; default first, second, last-but-one
+    input_size: int | None = None  # student input in px; default the LR patch size
+    workers: int = Field(0, ge=0)
+
+
+class Stage2Config(_Strict):
+    """Student losses (SPEC §1 stage 2); a zero weight is the ablation of that term."""
+
+    lambda_ce: float = Field(1.0, ge=0)
+    lambda_bag: float = Field(1.0, ge=0)
+    lambda_soft: float = Field(1.0, ge=0)
+    lambda_hard: float = Field(1.0, ge=0)
+    t_bag: float = Field(1.0, gt=0)
+    t_attn: float = Field(1.0, gt=0)
+    topk: int = Field(4, ge=1)
+    teacher_agg: Literal["mean", "max"] = "mean"
+
+
+class LRMILConfig(_Strict):
+    encoder: str = "resnet18"
+    weights: str | None = None  # file, "hub", or None (seeded random init)
+    hr_mag: float = 20.0
+    lr_mag: float = 5.0
+    patch_size: int | None = None  # default: the job's patch size (tiling.yaml)
+    folds: int = Field(5, ge=2)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    seed: int = 0
+    device: str = "auto"
+    classes: list[str] | None = None
+    label_column: str = "label"
+    # feature extraction
+    batch_size: int = Field(64, ge=1)
+    workers: int = Field(0, ge=0)
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    reader: str | None = None  # default: the job's reader
+    # trainings
+    teacher: MILSettings = Field(default_factory=MILSettings)
+    student: MILSettings = Field(default_factory=MILSettings)
+    stage1: Stage1Config = Field(default_factory=Stage1Config)
+    stage2: Stage2Config = Field(default_factory=Stage2Config)
+    shared: str | None = None  # run folder holding features, teacher, baseline and stage 1 (default: the run's own)
+    # evaluation
+    bootstrap: int = Field(1000, ge=0)
+    timing_slides: int = Field(4, ge=0)  # slides timed end to end on both inference paths (0 = skip)
+
+
+def load_lrmil_config(path: str | Path | None = None, **overrides: Any) -> LRMILConfig:
+    """Defaults ← YAML ← overrides. Nested keys are dotted (``{"stage1.epochs": 3}``); ``None`` = not given."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise WsimilError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise WsimilError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise WsimilError(f"config file {path} must hold a mapping of option: value")
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return LRMILConfig(**data)
+    except ValidationError as e:
+        where = f" in {path}" if path else ""
+        msgs = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise WsimilError(f"invalid LRMIL configuration{where}:\n  - " + "\n  - ".join(msgs)) from None

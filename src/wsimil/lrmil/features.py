@@ -1,0 +1,187 @@
+"""Feature extraction for LRMIL: HR features with per-layer summary tokens (step 1) and LR features (steps 3–4).
+
+Files follow TRIDENT's layout (``features (N, D)``, ``coords``, ``instance_labels`` from tumour masks, provenance
+attributes), so :class:`wsimil.features.store.FeatureStore` and the trainer read them as any other bag. HR files
+add ``summary/block{l} (N, C_l)``: the teacher's summary token after block ``l`` (ViT CLS / CNN global average;
+:mod:`wsimil.lrmil.taps`). A file is reused when its ``lrmil_key`` attribute matches the current settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor
+
+from wsimil import __version__
+from wsimil.features.encoders import Encoder
+from wsimil.features.patches import PatchGrid, SlidePatchBlocks
+from wsimil.features.store import write_bag
+from wsimil.io import atomic_path
+from wsimil.lrmil.job import LRMILJob
+from wsimil.lrmil.taps import forward_taps
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class EncodeSettings:
+    device: str = "cpu"
+    batch_size: int = 64
+    workers: int = 0
+    precision: str = "fp32"
+    reader: str = "auto"
+    block: int = 4
+
+
+def encode_grid(
+    fn: Callable[[Tensor], dict[str, Tensor]], grid: PatchGrid, st: EncodeSettings, mpp: float | None = None
+) -> dict[str, np.ndarray]:
+    """Apply ``fn`` (uint8 patches ``(b, ps, ps, 3)`` on ``st.device`` → named outputs ``(b, …)``) to every patch
+    of ``grid`` in batches of ``st.batch_size``; returns the outputs as float32 arrays in the grid's order."""
+    n = len(grid.coords)
+    out: dict[str, np.ndarray] = {}
+    if n == 0:
+        return out
+    loader = torch.utils.data.DataLoader(
+        SlidePatchBlocks(grid, st.reader, mpp, st.block),
+        batch_size=None,
+        shuffle=False,
+        num_workers=st.workers,
+        prefetch_factor=4 if st.workers else None,
+    )
+    cuda = st.device.startswith("cuda")
+    dtype = PRECISIONS[st.precision]
+    autocast = (
+        torch.autocast(device_type="cuda" if cuda else "cpu", dtype=dtype)
+        if dtype != torch.float32
+        else contextlib.nullcontext()
+    )
+    xs: list[Tensor] = []
+    ids: list[Tensor] = []
+
+    def run(force: bool) -> None:
+        while xs and (force or sum(len(x) for x in xs) >= st.batch_size):
+            x, i = torch.cat(xs), torch.cat(ids)
+            xs.clear()
+            ids.clear()
+            xb, ib, rest_x, rest_i = x[: st.batch_size], i[: st.batch_size], x[st.batch_size :], i[st.batch_size :]
+            if len(rest_x):
+                xs.append(rest_x)
+                ids.append(rest_i)
+            with torch.inference_mode(), autocast:
+                res = fn(xb.to(st.device, non_blocking=True))
+            for k, v in res.items():
+                if k not in out:
+                    out[k] = np.empty((n, *v.shape[1:]), dtype=np.float32)
+                out[k][ib.numpy()] = v.float().cpu().numpy()
+
+    for patches, idx in loader:
+        xs.append(patches)
+        ids.append(idx)
+        run(False)
+    run(True)
+    return out
+
+
+def final_fn(encoder: Encoder) -> Callable[[Tensor], dict[str, Tensor]]:
+    """Patches → ``{"features": encoder embedding}``."""
+    return lambda u8: {"features": encoder.model(encoder.preprocess(u8))}
+
+
+def taps_fn(encoder: Encoder, layers: tuple[int, ...]) -> Callable[[Tensor], dict[str, Tensor]]:
+    """Patches → ``{"features": final embedding, "summary/block{l}": summary token after block l}``."""
+
+    def fn(u8: Tensor) -> dict[str, Tensor]:
+        t = forward_taps(encoder.model, encoder.preprocess(u8), layers)
+        return {"features": t.final, **{f"summary/block{i}": s for i, s in zip(layers, t.summaries, strict=True)}}
+
+    return fn
+
+
+def file_key(path: Path) -> str | None:
+    try:
+        with h5py.File(path, "r") as f:
+            return str(f["features"].attrs.get("lrmil_key", "")) or None
+    except (OSError, KeyError):
+        return None
+
+
+def write_features(
+    path: Path,
+    outputs: dict[str, np.ndarray],
+    grid: PatchGrid,
+    labels: np.ndarray | None,
+    encoder: Encoder,
+    key: str,
+    embed_dim: int,
+    attrs: dict | None = None,
+) -> None:
+    """Write one slide's features (TRIDENT layout, plus ``summary/…`` datasets when ``outputs`` has them)."""
+    feats = outputs.get("features", np.zeros((0, embed_dim), dtype=np.float32))
+    with atomic_path(path) as tmp:
+        write_bag(
+            tmp,
+            feats,
+            grid.coords,
+            instance_labels=labels,
+            encoder=str(attrs.get("encoder", encoder.name)) if attrs else encoder.name,
+            attrs={
+                "weights": encoder.weights,
+                "weights_sha256": encoder.weights_sha256 or "",
+                "transforms": encoder.transforms_description(),
+                "tiling_key": grid.attrs.get("settings_key", ""),
+                "embed_dim": embed_dim,
+                "wsimil_version": __version__,
+                "lrmil_key": key,
+                **{k: v for k, v in (attrs or {}).items() if k != "encoder"},
+            },
+            coords_attrs={k: v for k, v in grid.attrs.items() if v is not None},
+        )
+        summaries = {k: v for k, v in outputs.items() if k.startswith("summary/")}
+        if summaries:
+            with h5py.File(tmp, "a") as f:
+                for k, v in summaries.items():
+                    f.create_dataset(k, data=v)
+
+
+def extract(
+    job: LRMILJob,
+    slide_ids: list[str],
+    mag: float,
+    fn: Callable[[Tensor], dict[str, Tensor]],
+    encoder: Encoder,
+    out_dir: Path,
+    key: str,
+    st: EncodeSettings,
+    desc: str,
+    attrs: dict | None = None,
+) -> Path:
+    """Encode the ``mag`` patches of ``slide_ids`` with ``fn`` into ``out_dir/{slide_id}.h5``; slides whose file
+    carries ``key`` are skipped. Returns ``out_dir``."""
+    from wsimil.progress import make_progress
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    encoder.model.to(st.device).eval()
+    with make_progress() as progress:
+        task = progress.add_task(desc, total=len(slide_ids), info="")
+        for sid in slide_ids:
+            path = out_dir / f"{sid}.h5"
+            if file_key(path) == key:
+                progress.update(task, advance=1, info=f"{sid}: reused")
+                continue
+            grid = job.grid(sid, mag)
+            outputs = encode_grid(fn, grid, st, job.mpp(sid))
+            write_features(path, outputs, grid, job.instance_labels(sid, grid), encoder, key, _dim(encoder), attrs)
+            progress.update(task, advance=1, info=f"{sid}: {len(grid.coords)} patches")
+    return out_dir
+
+
+def _dim(encoder: Encoder) -> int:
+    return int(encoder.spec.embed_dim)

@@ -1,0 +1,136 @@
+"""LRMIL losses (SPEC §1) as pure functions of tensors.
+
+Stage 1 (patch-level cross-resolution distillation), for a batch of ``B`` LR patches with ``f²`` HR children
+each (``f`` = HR/LR magnification ratio, 4 for 20×/5×; child ``j = b·f + a`` sits at column offset ``a`` and row
+offset ``b``; ``child_mask (B, f²)`` marks the children that are tissue patches):
+
+- :func:`pool_children`: the student's spatial grid ``(B, C, h, w)`` → one vector per child ``(B, f², C)``, the
+  mean over the child's ``(h/f)×(w/f)`` block;
+- :func:`layer_distill_loss`: ``L_layer = mean_{l∈K} mean_{children j} MSE(pool_j(S_l), T_l(x_j^HR))``;
+- :func:`attention_feature_loss`: ``L_attn = Σ_j w_j · MSE(s_final, T_final(x_j^HR))``,
+  ``w_j = α^T_j / Σ_children α^T`` (uniform over the children when that sum is 0).
+
+Both are averaged over the LR patches of the batch that have at least one child.
+
+Stage 2 (student ABMIL on LR features), for padded bags ``(B, N)`` with ``mask (B, N)``:
+
+- :func:`children_attention`: ``g_r = mean_{j∈children(r)} e^T_j`` (option ``max``; 0 if ``r`` has no children);
+- :func:`bag_kd_loss`: ``T_b² · KL(softmax(y_T/T_b) ‖ softmax(y_S/T_b))``;
+- :func:`attention_kd_loss`: ``T_a² · KL(softmax_N(g/T_a) ‖ softmax_N(e_S/T_a))`` over each bag's real instances;
+- :func:`topk_instance_loss`: ``CE(inst([h_topk(g); h_bottomk(g)]), [1…, 0…])``, ``k = min(k, ⌊N/2⌋)``.
+
+KL terms are summed over classes/instances and averaged over bags. **[SPEC]** The official attention KL calls
+``kl_div(..., reduction="batchmean")`` on a 1-D vector, which divides the KL by ``N``; we use the KL itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+# ---------------------------------------------------------------------------------------------- stage 1
+def pool_children(grid: Tensor, factor: int) -> Tensor:
+    """``(B, C, h, w)`` → ``(B, f², C)``: the mean of each child's block; row ``j = b·f + a`` is the block at
+    column ``a``, row ``b`` (the order of the link table). Exact block means when ``f`` divides ``h`` and ``w``;
+    otherwise adaptive pooling's (overlapping) bins."""
+    return F.adaptive_avg_pool2d(grid, factor).flatten(2).transpose(1, 2)
+
+
+def _mse_rows(s: Tensor, t: Tensor) -> Tensor:
+    """Mean over the last axis of ``(s − t)²``."""
+    return (s - t).pow(2).mean(-1)
+
+
+def layer_distill_loss(student: list[Tensor], teacher: list[Tensor], child_mask: Tensor) -> Tensor:
+    """``L_layer``. ``student[l]``, ``teacher[l]``: ``(B, f², C_l)`` per tapped block (student pooled per child,
+    teacher summary tokens of the children; same widths); ``child_mask (B, f²)`` bool."""
+    m = child_mask.float()
+    n_child = m.sum(1)
+    has = n_child > 0
+    per_layer = [(_mse_rows(s, t) * m).sum(1) / n_child.clamp_min(1) for s, t in zip(student, teacher, strict=True)]
+    per_patch = torch.stack(per_layer).mean(0)  # (B,)
+    return per_patch[has].mean() if has.any() else per_patch.sum() * 0
+
+
+def attention_weights(alpha: Tensor, child_mask: Tensor) -> Tensor:
+    """``w_j = α_j / Σ_children α`` over real children (uniform over them when the sum is 0): ``(B, f²)``."""
+    m = child_mask.float()
+    a = alpha.clamp_min(0) * m
+    s = a.sum(1, keepdim=True)
+    uniform = m / m.sum(1, keepdim=True).clamp_min(1)
+    return torch.where(s > 0, a / s.clamp_min(1e-30), uniform)
+
+
+def attention_feature_loss(student_final: Tensor, teacher_final: Tensor, alpha: Tensor, child_mask: Tensor) -> Tensor:
+    """``L_attn``. ``student_final (B, D)``, ``teacher_final (B, f², D)``, teacher softmax attention of the
+    children ``alpha (B, f²)``, ``child_mask (B, f²)``."""
+    w = attention_weights(alpha, child_mask)
+    per_patch = (w * _mse_rows(student_final.unsqueeze(1), teacher_final)).sum(1)
+    has = child_mask.any(1)
+    return per_patch[has].mean() if has.any() else per_patch.sum() * 0
+
+
+# ---------------------------------------------------------------------------------------------- stage 2
+def children_attention(teacher_logits: np.ndarray, links: np.ndarray, agg: str = "mean") -> np.ndarray:
+    """Teacher guidance per LR patch: ``g_r`` = mean (or max) of the raw teacher attention logits ``e^T`` of
+    ``r``'s HR children (``links (N_lr, f²)``, −1 = none), 0 when ``r`` has no child. Returns ``(N_lr,)``."""
+    if agg not in ("mean", "max"):
+        raise ValueError(f"teacher attention aggregation must be 'mean' or 'max', not {agg!r}")
+    e = np.asarray(teacher_logits, dtype=np.float64)
+    valid = links >= 0
+    vals = e[np.where(valid, links, 0)]
+    count = valid.sum(1)
+    if agg == "mean":
+        g = np.where(valid, vals, 0.0).sum(1) / np.maximum(count, 1)
+    else:
+        g = np.where(valid, vals, -np.inf).max(1)
+    return np.where(count > 0, g, 0.0).astype(np.float32)
+
+
+def bag_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``T² · mean_b KL(softmax(y_T/T) ‖ softmax(y_S/T))`` for ``(B, C)`` logits."""
+    t = temperature
+    log_p = F.log_softmax(student_logits / t, -1)
+    log_q = F.log_softmax(teacher_logits / t, -1)
+    return (log_q.exp() * (log_q - log_p)).sum(-1).mean() * t * t
+
+
+def attention_kd_loss(
+    student_attn: Tensor, guidance: Tensor, mask: Tensor, temperature: float = 1.0, use: Tensor | None = None
+) -> Tensor:
+    """``T² · mean_b KL(softmax_N(g/T) ‖ softmax_N(e_S/T))`` over each bag's real instances. ``student_attn``
+    (raw ``e_S``), ``guidance`` (``g``), ``mask``: ``(B, N)``; ``use (B,)`` picks the bags that count (those with
+    teacher guidance); 0 when none does."""
+    t = temperature
+    neg = torch.finfo(student_attn.dtype).min
+    log_p = F.log_softmax((student_attn / t).masked_fill(~mask, neg), -1)
+    log_q = F.log_softmax((guidance / t).masked_fill(~mask, neg), -1)
+    kl = torch.where(mask, log_q.exp() * (log_q - log_p), torch.zeros_like(log_p)).sum(-1) * t * t
+    picked = kl[use] if use is not None else kl
+    return picked.mean() if picked.numel() else kl.sum() * 0
+
+
+def topk_instance_loss(
+    instance_logits: Tensor, guidance: Tensor, mask: Tensor, k: int = 4, use: Tensor | None = None
+) -> Tensor:
+    """Cross-entropy of the instance head on each bag's ``k`` instances with the highest teacher guidance (target
+    1) and the ``k`` lowest (target 0), ``k = min(k, ⌊N_b/2⌋)``; averaged within a bag, then over the bags that
+    count (``use``) and have ``k ≥ 1``. ``instance_logits (B, N, 2)``, ``guidance``/``mask (B, N)``."""
+    losses = []
+    for b in range(instance_logits.shape[0]):
+        if use is not None and not bool(use[b]):
+            continue
+        idx = torch.nonzero(mask[b], as_tuple=True)[0]
+        kb = min(k, len(idx) // 2)
+        if kb < 1:
+            continue
+        g = guidance[b, idx]
+        top = idx[torch.topk(g, kb).indices]
+        bottom = idx[torch.topk(-g, kb).indices]
+        z = instance_logits[b, torch.cat([top, bottom])]
+        y = torch.cat([torch.ones(kb), torch.zeros(kb)]).long().to(z.device)
+        losses.append(F.cross_entropy(z, y))
+    return torch.stack(losses).mean() if losses else instance_logits.sum() * 0

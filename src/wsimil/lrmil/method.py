@@ -1,0 +1,173 @@
+"""Step 5 of LRMIL: the stage-2 student, a training method of the shared trainer (``method: lrmil``).
+
+The student is ABMIL on LR features with an extra instance head ``inst = Linear(E, 2)`` (:class:`StudentABMIL`).
+Per bag (SPEC §1 stage 2)::
+
+    g_r = mean_{j ∈ children(r)} e^T_j            (option max; 0 when r has no HR child)
+    L = λ_ce CE(y_S, Y) + λ_bag T_b² KL(softmax(y_T/T_b) ‖ softmax(y_S/T_b))
+      + λ_soft T_a² KL(softmax_N(g/T_a) ‖ softmax_N(e_S/T_a))
+      + λ_hard CE(inst([h_topk(g); h_bottomk(g)]), [1…, 0…]),   k = min(4, ⌊N_lr/2⌋)
+
+``y_T``, ``e^T`` come from the fold teacher's dump (:mod:`wsimil.lrmil.teacher`); the links from the tiling job.
+Defaults **[SPEC decision]**: all λ = 1, T = 1, Adam lr 1e-4, early stopping on validation AUC.
+
+**[decision]** The instance head reads the student's projected instances ``h = proj(x)`` (the embeddings its
+attention and classifier use), so the instance loss shapes the representation the bag prediction is made from.
+The official code applies it to the frozen input features, where it cannot affect the bag prediction; with an
+identity projection (``hidden_dims: []``) the two coincide. Bags without any LR patch that has HR children get
+only the CE and bag-KD terms (the official code skips the guidance terms when the guidance is all zero).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from wsimil.errors import WsimilError
+from wsimil.lrmil.losses import attention_kd_loss, bag_kd_loss, children_attention, topk_instance_loss
+from wsimil.lrmil.teacher import read_dump
+from wsimil.methods.base import Batch, TrainingMethod, register_method
+from wsimil.models import MILModel, MILOutput
+from wsimil.models.abmil import ABMIL
+from wsimil.models.base import full_mask
+from wsimil.models.layers import masked_softmax
+
+
+class StudentABMIL(ABMIL):
+    """ABMIL (Ilse et al. 2018) plus an instance head: ``instance_logits = inst(h) (B, N, 2)`` on the projected
+    instances ``h = proj(x)``. Bag outputs are ABMIL's."""
+
+    def __init__(self, in_dim: int, n_classes: int, **kw):
+        super().__init__(in_dim, n_classes, **kw)
+        self.instance_head = nn.Linear(self.classifier.in_features, 2)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> MILOutput:
+        m = full_mask(x, mask)
+        h = self.proj(x)
+        e = self.attention(h).squeeze(-1)
+        a = masked_softmax(e, m)
+        z = (a.unsqueeze(1) @ h).squeeze(1)
+        return MILOutput(
+            logits=self.classifier(z),
+            bag_embedding=z,
+            attention_logits=e.masked_fill(~m, float("-inf")),
+            instance_logits=self.instance_head(h),
+        )
+
+
+@register_method("lrmil")
+class LRMILStudent(TrainingMethod):
+    """LRMIL stage 2: LR student ABMIL with bag-logit KD, attention KD and a top/bottom-k instance loss from the
+    HR teacher (needs teacher_dump and links_dir; `wsimil lrmil` sets them)."""
+
+    defaults = {
+        "teacher_dump": None,  # HDF5 written by wsimil.lrmil.teacher.dump_teacher for this fold
+        "links_dir": None,  # JOB/links
+        "links_dataset": "links_5x_20x",
+        "lambda_ce": 1.0,
+        "lambda_bag": 1.0,
+        "lambda_soft": 1.0,
+        "lambda_hard": 1.0,
+        "t_bag": 1.0,
+        "t_attn": 1.0,
+        "topk": 4,
+        "teacher_agg": "mean",
+    }
+    config_defaults = {"lr": 1e-4, "monitor": "val_auc"}
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        o = self.opts
+        if cfg.task != "classification":
+            raise WsimilError("method 'lrmil' supports classification only")
+        if o["teacher_agg"] not in ("mean", "max"):
+            raise WsimilError(f"lrmil option teacher_agg must be 'mean' or 'max', not {o['teacher_agg']!r}")
+        if int(o["topk"]) < 1:
+            raise WsimilError(f"lrmil option topk must be at least 1, got {o['topk']}")
+        for k in ("t_bag", "t_attn"):
+            if float(o[k]) <= 0:
+                raise WsimilError(f"lrmil option {k} must be positive, got {o[k]}")
+        for k in ("lambda_ce", "lambda_bag", "lambda_soft", "lambda_hard"):
+            if float(o[k]) < 0:
+                raise WsimilError(f"lrmil option {k} must be non-negative, got {o[k]}")
+        self._side: dict[str, tuple[Tensor, np.ndarray, np.ndarray]] = {}
+        self._ids: list[str] = []
+
+    def build(self, in_dim: int, n_classes: int) -> MILModel:
+        if self.cfg.model not in ("abmil", "gated_abmil"):
+            raise WsimilError(
+                f"method 'lrmil' trains an ABMIL student (model abmil or gated_abmil), not {self.cfg.model!r}"
+            )
+        return StudentABMIL(in_dim, n_classes, gated=self.cfg.model == "gated_abmil", **self.cfg.model_kwargs)
+
+    def setup(self, model: MILModel, ctx) -> None:
+        o = self.opts
+        for k in ("teacher_dump", "links_dir"):
+            if not o[k] or not Path(o[k]).exists():
+                raise WsimilError(f"method 'lrmil' needs option {k} (an existing path), got {o[k]!r}")
+        self._side.clear()
+        self._ids = ctx.slide_ids
+
+    def side(self, slide_id: str) -> tuple[Tensor, np.ndarray, np.ndarray]:
+        """``(teacher logits (C,), guidance g (N_lr,), has_children (N_lr,))`` of one slide (cached)."""
+        if slide_id not in self._side:
+            o = self.opts
+            logits, e, _ = read_dump(o["teacher_dump"], slide_id)
+            path = Path(o["links_dir"]) / f"{slide_id}_links.h5"
+            try:
+                with h5py.File(path, "r") as f:
+                    links = f[o["links_dataset"]][()]
+            except (OSError, KeyError) as err:
+                raise WsimilError(f"slide {slide_id!r}: cannot read {o['links_dataset']} from {path}: {err}") from err
+            if links.max(initial=-1) >= len(e):
+                raise WsimilError(
+                    f"slide {slide_id!r}: links point to HR patch {links.max()} but the teacher saw {len(e)}"
+                )
+            g = children_attention(e, links, o["teacher_agg"])
+            self._side[slide_id] = (torch.as_tensor(logits, dtype=torch.float32), g, (links >= 0).any(1))
+        return self._side[slide_id]
+
+    def guidance(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """Teacher logits ``(B, C)``, padded guidance ``g (B, N)`` and the bags with guidance ``(B,)``."""
+        dev = batch.x.device
+        n = batch.mask.sum(1).tolist()
+        g = torch.zeros(batch.mask.shape, dtype=torch.float32)
+        use = torch.zeros(len(n), dtype=torch.bool)
+        y_t = []
+        for b, i in enumerate(batch.index):
+            sid = self._ids[int(i)]
+            logits, gb, has = self.side(sid)
+            rows = batch.rows[b]
+            if rows is not None:
+                gb, has = gb[rows.numpy()], has[rows.numpy()]
+            if len(gb) != n[b]:
+                raise WsimilError(
+                    f"slide {sid!r}: {n[b]} LR features but {len(gb)} LR patches in the links (features from "
+                    "another tiling?)"
+                )
+            g[b, : n[b]] = torch.from_numpy(gb)
+            use[b] = bool(has.any())
+            y_t.append(logits)
+        return torch.stack(y_t).to(dev), g.to(dev), use.to(dev)
+
+    def losses(self, model: MILModel, out: MILOutput, batch: Batch, epoch: int) -> dict[str, Tensor]:
+        o = self.opts
+        y_t, g, use = self.guidance(batch)
+        terms = {
+            "ce": self.bag_loss(out.logits, batch),
+            "bag_kd": bag_kd_loss(out.logits, y_t, float(o["t_bag"])),
+            "attn_kd": attention_kd_loss(out.attention_logits, g, batch.mask, float(o["t_attn"]), use),
+            "instance": topk_instance_loss(out.instance_logits, g, batch.mask, int(o["topk"]), use),
+        }
+        weights = {
+            "ce": o["lambda_ce"],
+            "bag_kd": o["lambda_bag"],
+            "attn_kd": o["lambda_soft"],
+            "instance": o["lambda_hard"],
+        }
+        total = sum(float(weights[k]) * v for k, v in terms.items())
+        return {"loss": total, **{k: v.detach() for k, v in terms.items()}}

@@ -1,0 +1,193 @@
+"""``wsimil lrmil`` end to end on tiny slides: outputs, fold policy, resume, ablations, the 5×-only bundle."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from wsimil.cli import app
+
+CONFIG = {
+    "teacher": {"epochs": 3, "min_epochs": 1, "patience": 2, "model_kwargs": {"hidden_dims": [32], "attn_dim": 16}},
+    "student": {"epochs": 3, "min_epochs": 1, "patience": 2, "model_kwargs": {"hidden_dims": [32], "attn_dim": 16}},
+    "stage1": {"epochs": 2, "batch_size": 8, "lr": 1e-3},
+    "bootstrap": 0,
+    "batch_size": 128,
+}
+
+
+def lrmil_cli(job, manifest, out, cfg_path, *extra) -> dict:
+    args = ["lrmil", "--job", str(job), "--manifest", str(manifest), "--out", str(out), "--config", str(cfg_path)]
+    args += ["--encoder", "lrmil_test_resnet", "--folds", "2", "--device", "cpu", "--timing-slides", "1", *extra]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def run(tiny_job, test_encoder, tmp_path_factory):
+    job, manifest = tiny_job
+    root = tmp_path_factory.mktemp("lrmil_run")
+    cfg_path = root / "lrmil.yaml"
+    cfg_path.write_text(yaml.safe_dump(CONFIG))
+    out = root / "run"
+    res = lrmil_cli(job, manifest, out, cfg_path)
+    return {"job": job, "manifest": manifest, "out": out, "cfg": cfg_path, "res": res}
+
+
+def folds_of(out) -> list[tuple[int, list[str], list[str]]]:
+    df = pd.read_csv(out / "splits" / "all.tsv", sep="\t")
+    cols = [c for c in df.columns if c.startswith("fold_")]
+    return [(int(c[5:]), list(df.slide_id[df[c] == "train"]), list(df.slide_id[df[c] == "test"])) for c in cols]
+
+
+def test_results_report_three_models_and_both_paths(run):
+    res, out = run["res"], run["out"]
+    assert set(res["metrics"]) == {"teacher_hr", "baseline_lr", "student_lr"}
+    for m in res["metrics"].values():
+        assert {"auc", "accuracy", "balanced_accuracy", "f1_macro", "f1_weighted"} <= set(m)
+        assert set(m["accuracy"]) == {"mean", "std"}
+    assert all(len(f) == 2 for f in res["folds"].values())
+    sp = res["seconds_per_slide"]
+    assert sp["n_slides"] == 1 and sp["hr"] > 0 and sp["lr"] > 0
+    assert sp["patches_per_slide"]["hr"] > 4 * sp["patches_per_slide"]["lr"]  # 16 HR cells per LR cell
+    assert res["ablations"] == {"stage1": True, "bag_kd": True, "attention_kd": True, "instance_loss": True}
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["stage1"]["layers"] == [0, 1, 3] and cfg["stage1"]["input_size"] == 64 and cfg["patch_size"] == 64
+    hist = pd.read_csv(out / "student" / "history.csv")
+    assert {"train_ce", "train_bag_kd", "train_attn_kd", "train_instance", "val_auc"} <= set(hist.columns)
+    preds = pd.read_csv(out / "student" / "predictions.csv")
+    assert sorted(preds.slide_id) == sorted(pd.read_csv(run["manifest"]).slide_id)
+
+
+def test_hr_features_carry_summary_tokens(run):
+    with h5py.File(run["out"] / "features" / "hr" / "synth_0000.h5", "r") as f:
+        n = f["features"].shape[0]
+        assert f["features"].shape == (n, 96) and n > 40
+        assert [f[f"summary/block{i}"].shape for i in (0, 1, 3)] == [(n, 32), (n, 32), (n, 192)]
+        assert f["instance_labels"].shape == (n,)
+
+
+def test_teacher_dump_has_raw_and_softmax_attention(run):
+    with h5py.File(run["out"] / "teacher" / "dump" / "fold0.h5", "r") as f:
+        assert len(f) == 6
+        g = f["synth_0000"]
+        e, a = g["attention_logits"][()], g["attention"][()]
+        assert g["logits"].shape == (2,)
+        assert np.allclose(a, np.exp(e - e.max()) / np.exp(e - e.max()).sum(), atol=1e-6)
+        assert a.sum() == pytest.approx(1.0, abs=1e-5) and np.ptp(e) > 0
+
+
+def test_no_test_slide_reaches_its_own_fold(run):
+    out = run["out"]
+    for k, train, test in folds_of(out):
+        assert not set(train) & set(test)
+        ck = torch.load(out / "stage1" / f"fold{k}" / "encoder.pt", map_location="cpu", weights_only=False)
+        assert sorted(ck["slides"]) == sorted(train)  # stage 1 saw only the fold's training slides
+        for run_dir, fold in ((out / "teacher", k), (out / "student" / f"fold{k}", k)):
+            res = json.loads((run_dir / "results.json").read_text())
+            f = next(f for f in res["folds"] if f["fold"] == fold)
+            assert f["n_test"] == len(test) and f["n_train"] == len(train)
+        preds = pd.read_csv(out / "student" / f"fold{k}" / "predictions.csv")
+        assert sorted(preds.slide_id) == sorted(test)
+
+
+def test_rerun_reuses_every_step(run):
+    out = run["out"]
+    files = [
+        out / "features" / "hr" / "synth_0001.h5",
+        out / "teacher" / "checkpoints" / "repeat0_fold0.pt",
+        out / "teacher" / "dump" / "fold1.h5",
+        out / "stage1" / "fold0" / "encoder.pt",
+        out / "features" / "lr_student_fold1" / "synth_0002.h5",
+        out / "student" / "fold1" / "checkpoints" / "repeat0_fold1.pt",
+        out / "timing.json",
+    ]
+    before = [p.stat().st_mtime_ns for p in files]
+    res = lrmil_cli(run["job"], run["manifest"], out, run["cfg"])
+    assert [p.stat().st_mtime_ns for p in files] == before
+    assert res["metrics"] == run["res"]["metrics"]
+
+
+def test_ablation_flags_reuse_the_shared_steps(run, tmp_path):
+    out = tmp_path / "ablation"
+    flags = ["--shared", str(run["out"]), "--no-stage1", "--no-bag-kd", "--no-attn-kd", "--no-instance-loss"]
+    res = lrmil_cli(run["job"], run["manifest"], out, run["cfg"], *flags)
+    assert res["ablations"] == {"stage1": False, "bag_kd": False, "attention_kd": False, "instance_loss": False}
+    assert not (out / "features").exists() and not (out / "stage1").exists()
+    hist = pd.read_csv(out / "student" / "history.csv")
+    assert np.allclose(hist.train_loss, hist.train_ce)  # every other term has weight 0 (but is still logged)
+    assert (hist.train_attn_kd > 0).any()
+    ck = torch.load(out / "student" / "fold0" / "checkpoints" / "repeat0_fold0.pt", weights_only=False)
+    assert "lr_teacher" in json.loads((out / "student" / "fold0" / "results.json").read_text())["config"]["features"]
+    assert ck["method_kwargs"]["lambda_bag"] == 0.0
+    assert res["metrics"]["teacher_hr"] == run["res"]["metrics"]["teacher_hr"]
+
+
+def test_bundle_predicts_from_5x_only(run, monkeypatch):
+    """The saved LR pipeline reproduces the student's test predictions while never reading a level finer than 5x
+    needs (the slides are 20x scans: level 0 is 0.5 µm/px, level 1 is 2 µm/px)."""
+    from wsimil.lrmil.bundle import load_lrmil_bundle, predict_slides
+    from wsimil.lrmil.job import LRMILJob
+    from wsimil.slide import reader
+
+    out = run["out"]
+    reads: list[float] = []
+    for cls in (reader.OpenSlideReader, reader.TiffSlideReader):
+        orig = cls._read
+
+        def spy(self, x, y, level, w, h, _orig=orig):
+            reads.append(self.level_mpp(level))
+            return _orig(self, x, y, level, w, h)
+
+        monkeypatch.setattr(cls, "_read", spy)
+    k, _, test = folds_of(out)[0]
+    job = LRMILJob(run["job"])
+    bundle = load_lrmil_bundle(out)
+    assert bundle.classes == ["0", "1"] and bundle.folds == [0, 1]
+    got = predict_slides(bundle, [job.spec(s) for s in test], folds=[k])
+    assert reads and min(reads) == pytest.approx(2.0)  # only the 2 µm/px level (and the thumbnail) was read
+    want = pd.read_csv(out / "student" / f"fold{k}" / "predictions.csv").set_index("slide_id")
+    assert np.allclose(got.set_index("slide_id").loc[test, "prob_1"], want.loc[test, "prob_1"], atol=1e-4)
+    # the instrument does see 20x reads when they happen
+    reads.clear()
+    from wsimil.lrmil.config import LRMILConfig
+    from wsimil.lrmil.features import EncodeSettings, encode_grid, final_fn
+    from wsimil.lrmil.pipeline import build_teacher_encoder
+
+    enc = build_teacher_encoder(LRMILConfig(encoder="lrmil_test_resnet"))
+    encode_grid(final_fn(enc), job.grid(test[0], 20.0), EncodeSettings())
+    assert min(reads) == pytest.approx(0.5)
+
+
+def test_stage1_keeps_the_teacher_frozen(run):
+    from wsimil.lrmil.config import LRMILConfig
+    from wsimil.lrmil.job import LRMILJob
+    from wsimil.lrmil.pipeline import build_teacher_encoder
+    from wsimil.lrmil.stage1 import Stage1Patches, Stage1Settings, train_stage1
+
+    out = run["out"]
+    k, train, _ = folds_of(out)[0]
+    teacher = build_teacher_encoder(LRMILConfig(encoder="lrmil_test_resnet"))
+    before = {n: p.detach().clone() for n, p in teacher.model.state_dict().items()}
+    data = Stage1Patches(LRMILJob(run["job"]), train, out / "features" / "hr", out / "teacher" / "dump" / "fold0.h5",
+                         (0, 1, 3))  # fmt: skip
+    patch, mask, final, summaries, alpha = data[0]
+    assert patch.shape == (64, 64, 3) and mask.shape == (16,) and final.shape == (16, 96)
+    assert [s.shape for s in summaries] == [(16, 32), (16, 32), (16, 192)]
+    assert torch.all(final[~mask] == 0) and alpha[mask].sum() > 0
+    student, adapters, history = train_stage1(teacher, data, Stage1Settings(epochs=1, lr=1e-3, input_size=64), 4)
+    assert len(adapters) == 0 and len(history) == 1  # same architecture: no adapters
+    after = teacher.model.state_dict()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+    state = student.model.state_dict()
+    moved = [n for n, v in state.items() if v.is_floating_point() and not torch.equal(v, before[n])]
+    assert moved  # the student did learn
