@@ -363,6 +363,8 @@ def test_presets_options_and_errors(digit_cohort, tmp_path):
     assert _method("transmil", "mhim_v1", low_ratio=0.1).opts["low_ratio"] == 0.1  # the user's value wins
     v2 = _method("abmil", "mhim_v2")
     assert v2.opts["score"] == "class_aware" and v2.opts["recycle_ratio"] == 0.8 and v2.opts["momentum"] == 0.9997
+    assert load_config(method="mhim_v2").scheduler == "cosine"  # the official cosine LR, unless the user sets one
+    assert load_config(method="mhim_v1", scheduler="none").scheduler == "none"
     root = Path(__file__).resolve().parents[2] / "configs"
     for name in ("mhim_v1", "mhim_v2"):
         cfg = load_config(root / f"{name}.yaml")
