@@ -167,7 +167,7 @@ def test_options_and_binary_only():
     with pytest.raises(WsimilError, match="bad model options for weno"):
         create_method(load_config(method="weno", model_kwargs={"hidden_dims": [8]})).build(8, 2)
     cfg = load_config(method="weno")
-    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay) == ("sgd", 1e-3, 0.0, 0.0)
+    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.monitor) == ("sgd", 1e-3, 0.0, 0.0, "val_auc")
     assert load_config(method="weno", optimizer="adam", lr=0.01).optimizer == "adam"
     assert load_config().optimizer == "adam"
 

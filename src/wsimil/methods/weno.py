@@ -15,7 +15,7 @@ A teacher (attention bag classifier) and a student (instance classifier) share o
 Both phases step the shared encoder (the "bi-directional" part); the optimiser only moves parameters that received a
 gradient, so phase A moves encoder + teacher and phase B encoder + student, as the official per-module SGD optimisers
 do. Defaults follow the official repository where SPEC §3 is silent: plain SGD (no momentum, no weight decay),
-lr 1e-3 (``config_defaults``; any value the user sets wins).
+lr 1e-3 (``config_defaults``; any value the user sets wins). Early stopping monitors validation AUC by default.
 
 Decisions beyond the official code:
 
@@ -110,7 +110,15 @@ class WENO(TrainingMethod):
         "instance_batch": 512,  # student mini-batch size (instances)
         "pool_instances": 1_000_000,  # most instances shuffled together in the student phase
     }
-    config_defaults: dict[str, Any] = {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0}
+    #: the official optimiser; model selection on validation AUC, because the student's max-pooled bag probability
+    #: is biased upwards by the asymmetric student loss (its validation cross-entropy says little)
+    config_defaults: dict[str, Any] = {
+        "optimizer": "sgd",
+        "lr": 1e-3,
+        "momentum": 0.0,
+        "weight_decay": 0.0,
+        "monitor": "val_auc",
+    }
 
     def __init__(self, cfg):
         super().__init__(cfg)
