@@ -198,3 +198,12 @@ def test_weno_run_reports_student_instance_auc_and_teacher_metrics(digit_cohort,
     model, ck = load_model(tmp_path / "run" / "checkpoints" / "repeat0_fold0.pt")
     assert isinstance(model, WENONet) and ck["method"] == "weno"
     assert res["config"]["optimizer"] == "sgd"
+
+
+def test_student_phase_sees_every_instance_once_in_bounded_pools():
+    method, model, fold, gen = _method_and_fold(pool_instances=8, instance_batch=4)
+    sizes = []
+    model.student.register_forward_hook(lambda mod, inp, out: sizes.append(inp[0].shape[0]))
+    model.train()
+    method._student_phase(model, torch.optim.SGD(model.parameters(), lr=0.1), fold, gen, -1.0, 1.0)
+    assert sum(sizes) == 33 and min(sizes) >= 2 and max(sizes) <= 5  # 4+7+3+6+5+8 instances; no 1-instance batch

@@ -108,7 +108,7 @@ class WENO(TrainingMethod):
         "keep_k": None,  # mining=lowest: keep the keep_k lowest-scored instances
         "neg_weight": 0.1,  # w of the student loss
         "instance_batch": 512,  # student mini-batch size (instances)
-        "pool_instances": 1_000_000,  # most instances shuffled together in the student phase
+        "pool_instances": 500_000,  # most instances shuffled together in the student phase
     }
     #: the official optimiser; model selection on validation AUC, because the student's max-pooled bag probability
     #: is biased upwards by the asymmetric student loss (its validation cross-entropy says little)
