@@ -507,7 +507,7 @@ def lrmil(
     manifest: Annotated[Path, typer.Option(help="Slide manifest CSV: case_id,slide_id,label.")],
     out: Annotated[Path, typer.Option(help="Run folder (re-running resumes: finished steps are reused).")],
     encoder: Annotated[
-        str | None, typer.Option(help="Teacher encoder E_T (see `wsimil encoders`). [default: resnet18]")
+        str | None, typer.Option(help="Teacher encoder E_T (see `wsimil encoders`). (default: resnet18)")
     ] = None,
     weights: Annotated[
         str | None, typer.Option(help="E_T weights file, or 'hub'. Without: seeded random init (a warning).")
@@ -516,10 +516,10 @@ def lrmil(
         Path | None, typer.Option(help="YAML config (see configs/lrmil.yaml); flags override it.")
     ] = None,
     folds: Annotated[
-        int | None, typer.Option(help="k of the cross-validation shared by every model. [default: 5]")
+        int | None, typer.Option(help="k of the cross-validation shared by every model. (default: 5)")
     ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ... [default: auto]")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of splits, random init and training. [default: 0]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ... (default: auto)")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of splits, random init and training. (default: 0)")] = None,
     epochs: Annotated[int | None, typer.Option(help="Max epochs of teacher, baseline and student ABMIL.")] = None,
     stage1_epochs: Annotated[int | None, typer.Option(help="Epochs of stage-1 encoder distillation.")] = None,
     no_stage1: Annotated[bool, typer.Option("--no-stage1", help="Ablation: no encoder distillation.")] = False,
@@ -529,10 +529,10 @@ def lrmil(
         bool, typer.Option("--no-instance-loss", help="Ablation: no top/bottom-k instance loss.")
     ] = False,
     timing_slides: Annotated[
-        int | None, typer.Option(help="Slides timed on both inference paths. [default: 4]")
+        int | None, typer.Option(help="Slides timed on both inference paths. (default: 4)")
     ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Patches per encoder batch. [default: 64]")] = None,
-    workers: Annotated[int | None, typer.Option(help="DataLoader workers reading patches. [default: 0]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Patches per encoder batch. (default: 64)")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers reading patches. (default: 0)")] = None,
     until: Annotated[
         str | None,
         typer.Option(help="Stop after a step: hr_features teacher baseline stage1 lr_features student timing."),

@@ -9,7 +9,8 @@ Per bag (SPEC §1 stage 2)::
       + λ_hard CE(inst([h_topk(g); h_bottomk(g)]), [1…, 0…]),   k = min(4, ⌊N_lr/2⌋)
 
 ``y_T``, ``e^T`` come from the fold teacher's dump (:mod:`wsimil.lrmil.teacher`); the links from the tiling job.
-Defaults **[SPEC decision]**: all λ = 1, T = 1, Adam lr 1e-4, early stopping on validation AUC.
+Defaults **[SPEC decision]**: all λ = 1, T = 1, Adam lr 1e-4, early stopping on validation (SPEC: AUC; ``wsimil
+lrmil`` monitors the validation loss by default, see :mod:`wsimil.lrmil.config`).
 
 **[decision]** The instance head reads the student's projected instances ``h = proj(x)`` (the embeddings its
 attention and classifier use), so the instance loss shapes the representation the bag prediction is made from.
@@ -77,7 +78,7 @@ class LRMILStudent(TrainingMethod):
         "topk": 4,
         "teacher_agg": "mean",
     }
-    config_defaults = {"lr": 1e-4, "monitor": "val_auc"}
+    config_defaults = {"lr": 1e-4}
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -338,6 +338,7 @@ def stage1_fold(cfg, j, teacher, sp, layers, s1_input, hr_dir, dump, out, hr_key
             lambda_attn=s1.lambda_attn,
             input_size=s1_input,
             workers=s1.workers,
+            freeze_norm_stats=s1.freeze_norm_stats,
             seed=cfg.seed + sp.fold,
             device=device,
             reader=reader,

@@ -8,7 +8,8 @@ The student ``E_S`` starts as a copy of the frozen teacher encoder ``E_T`` and s
 - ``L_attn``: the student's final embedding regresses the children's teacher embeddings, weighted by the fold
   teacher's softmax attention renormalised over the children.
 
-``L = λ_layer L_layer + λ_attn L_attn`` (Adam, lr 1e-5); the epoch with the lowest mean loss is kept. Linear
+``L = λ_layer L_layer + λ_attn L_attn`` (Adam, lr 1e-5); the epoch with the lowest mean loss is kept. **[decision]**
+Batch-norm layers keep the teacher's running statistics (:func:`freeze_norm_statistics`). Linear
 adapters map student widths to teacher widths only where they differ (a student architecture other than the
 teacher's). Only the fold's training slides are used (see :mod:`wsimil.lrmil.pipeline` for the fold policy).
 """
@@ -50,6 +51,7 @@ class Stage1Settings:
     seed: int = 0
     device: str = "cpu"
     reader: str = "auto"
+    freeze_norm_stats: bool = True  # batch-norm layers keep the teacher's running statistics (see train_stage1)
 
 
 class Stage1Patches(torch.utils.data.Dataset):
@@ -151,6 +153,16 @@ def _adapt(adapters: nn.ModuleDict, key: str, x: Tensor) -> Tensor:
     return adapters[key](x) if key in adapters else x
 
 
+def freeze_norm_statistics(model: nn.Module) -> None:
+    """Put batch-norm layers in eval mode (their affine weights still train): the student then computes exactly the
+    teacher's function at the start of stage 1 and keeps the teacher's running statistics, instead of normalising
+    with the statistics of small batches of LR patches (and drifting its running statistics towards them). ViTs have
+    no batch norm, so this only matters for CNNs; the official code distils a ViT (CONCH)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def train_stage1(
     teacher: Encoder,
     data: Stage1Patches,
@@ -184,6 +196,8 @@ def train_stage1(
     task = progress.add_task("stage 1", total=st.epochs * len(loader), info="") if progress is not None else None
     for epoch in range(st.epochs):
         model.train()
+        if st.freeze_norm_stats:
+            freeze_norm_statistics(model)
         adapters.train()
         sums = {"loss": 0.0, "layer": 0.0, "attn": 0.0}
         n = 0
