@@ -582,5 +582,28 @@ def lrmil(
     console.print(f"Results: {out / 'results.json'}; LR pipeline: {out / 'bundle'}")
 
 
+@app.command("lrmil-predict")
+@_user_errors
+def lrmil_predict(
+    bundle: Annotated[Path, typer.Option(help="LRMIL bundle (RUN/bundle written by `wsimil lrmil`, or RUN).")],
+    slides: Annotated[str, typer.Option(help="A slide folder, a CSV with a 'path' column, or one slide file.")],
+    out: Annotated[Path, typer.Option(help="CSV to write: slide_id, n_patches, prob_<class>…")],
+    fold: Annotated[
+        list[int] | None, typer.Option(help="Fold model(s) to average (repeatable; default: all; one is fastest).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Patches per encoder batch.")] = 64,
+) -> None:
+    """Classify new slides with an LRMIL bundle from 5x patches alone (nothing at 20x is read)."""
+    from wsimil.config import resolve_device
+    from wsimil.io import write_csv
+    from wsimil.lrmil.bundle import predict_slides
+    from wsimil.progress import console
+
+    table = predict_slides(bundle, slides, resolve_device(device), fold or None, batch_size=batch_size)
+    write_csv(out, table)
+    console.print(f"Predicted {len(table)} slide(s) → {out}", soft_wrap=True)
+
+
 if __name__ == "__main__":
     app()

@@ -131,7 +131,7 @@ def test_ablation_flags_reuse_the_shared_steps(run, tmp_path):
     assert res["metrics"]["teacher_hr"] == run["res"]["metrics"]["teacher_hr"]
 
 
-def test_bundle_predicts_from_5x_only(run, monkeypatch):
+def test_bundle_predicts_from_5x_only(run, monkeypatch, tmp_path):
     """The saved LR pipeline reproduces the student's test predictions while never reading a level finer than 5x
     needs (the slides are 20x scans: level 0 is 0.5 µm/px, level 1 is 2 µm/px)."""
     from wsimil.lrmil.bundle import load_lrmil_bundle, predict_slides
@@ -152,10 +152,19 @@ def test_bundle_predicts_from_5x_only(run, monkeypatch):
     job = LRMILJob(run["job"])
     bundle = load_lrmil_bundle(out)
     assert bundle.classes == ["0", "1"] and bundle.folds == [0, 1]
-    got = predict_slides(bundle, [job.spec(s) for s in test], folds=[k])
+    slides = tmp_path / "slides.csv"
+    pd.DataFrame({"slide_id": test, "path": [job.slides[s]["path"] for s in test]}).to_csv(slides, index=False)
+    args = ["lrmil-predict", "--bundle", str(out), "--slides", str(slides), "--out", str(tmp_path / "p.csv")]
+    res = CliRunner().invoke(app, [*args, "--fold", str(k), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    got = pd.read_csv(tmp_path / "p.csv").set_index("slide_id")
     assert reads and min(reads) == pytest.approx(2.0)  # only the 2 µm/px level (and the thumbnail) was read
     want = pd.read_csv(out / "student" / f"fold{k}" / "predictions.csv").set_index("slide_id")
-    assert np.allclose(got.set_index("slide_id").loc[test, "prob_1"], want.loc[test, "prob_1"], atol=1e-4)
+    assert np.allclose(got.loc[test, "prob_1"], want.loc[test, "prob_1"], atol=1e-4)
+    # every fold: the mean of the fold pipelines
+    both = predict_slides(bundle, [job.spec(test[0])])
+    one = [predict_slides(bundle, [job.spec(test[0])], folds=[f]).prob_1[0] for f in bundle.folds]
+    assert both.prob_1[0] == pytest.approx(np.mean(one), abs=1e-6)
     # the instrument does see 20x reads when they happen
     reads.clear()
     from wsimil.lrmil.config import LRMILConfig

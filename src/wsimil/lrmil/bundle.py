@@ -121,6 +121,7 @@ class LRMILBundle:
 
     def __post_init__(self) -> None:
         self._base: Encoder | None = None
+        self._arch: Encoder | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -161,6 +162,15 @@ class LRMILBundle:
             self._base = create_encoder(e["name"], weights, int(e["seed"]))
         return self._base
 
+    def architecture(self) -> Encoder:
+        """The registry encoder's architecture, randomly initialised: a distilled encoder brings all its weights, so
+        the teacher's weights (a file, the hub) are not needed to use the bundle."""
+        if self._arch is None:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*randomly initialised.*")
+                self._arch = create_encoder(self.meta["encoder"]["name"], None, 0)
+        return self._arch
+
     def fold_pipeline(self, fold: int, device: str = "cpu", **encode_kw) -> SlidePipeline:
         """Fold ``fold``'s LR path: 5× tiling, its distilled encoder, its student."""
         from wsimil.bundle import load_bundle
@@ -169,14 +179,13 @@ class LRMILBundle:
         entry = next((e for e in self.meta["folds"] if int(e["fold"]) == fold), None)
         if entry is None:
             raise WsimilError(f"bundle {self.path} has no fold {fold}; folds: {self.folds}")
-        base = self.base_encoder()
         if entry["encoder"] is None:
-            encoder = base
+            encoder = self.base_encoder()
         else:
             path = self.path / entry["encoder"]
             if not path.is_file() or sha256_file(path) != entry["encoder_sha256"]:
                 raise WsimilError(f"bundle {self.path}: {entry['encoder']} is missing or does not match its checksum")
-            encoder, _ = load_student(path, base)
+            encoder, _ = load_student(path, self.architecture())
         members = load_bundle(self.path / entry["bundle"]).load_models(device)
         return SlidePipeline(self.tile_settings(), encoder, members, EncodeSettings(device=device, **encode_kw))
 
