@@ -62,8 +62,9 @@ class StudentABMIL(ABMIL):
 
 @register_method("lrmil")
 class LRMILStudent(TrainingMethod):
-    """LRMIL stage 2: LR student ABMIL with bag-logit KD, attention KD and a top/bottom-k instance loss from the
-    HR teacher (needs teacher_dump and links_dir; `wsimil lrmil` sets them)."""
+    """LRMIL stage 2: an LR student ABMIL taught by the HR teacher (set up by `wsimil lrmil`).
+
+    Bag-logit KD, attention KD and a top/bottom-k instance loss; needs the options teacher_dump and links_dir."""
 
     defaults = {
         "teacher_dump": None,  # HDF5 written by wsimil.lrmil.teacher.dump_teacher for this fold

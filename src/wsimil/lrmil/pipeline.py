@@ -146,7 +146,7 @@ def run_lrmil(
 
     if until is not None and until not in STEPS:
         raise WsimilError(f"unknown step {until!r}; steps in order: {', '.join(STEPS)}")
-    out = Path(out)
+    out = Path(out).resolve()  # absolute: trainer configs (and so their hashes) hold these paths
     device = resolve_device(cfg.device)
     man = read_manifest(manifest, cfg.classes, cfg.label_column)
     ids = man.slide_ids
@@ -156,7 +156,7 @@ def run_lrmil(
     reader = cfg.reader or str(tiling.get("reader", "auto"))
     splits = kfold_splits(man, cfg.folds, 1, cfg.val_fraction, cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
-    base = Path(cfg.shared) if cfg.shared else out  # steps that do not depend on the stage-2 options
+    base = Path(cfg.shared).resolve() if cfg.shared else out  # steps that do not depend on the stage-2 options
     splits_all = write_splits(splits, base / "splits" / "all.tsv")
     teacher = build_teacher_encoder(cfg)
     nb = n_blocks(teacher.model)
@@ -266,7 +266,7 @@ def run_lrmil(
         return {}
 
     # 6. timing and bundle -------------------------------------------------------------------------------------------
-    timing = time_run(cfg, j, teacher, splits[0], t_dir, out, encoders, lr_t_key, s1_input, st, device)
+    timing = time_run(cfg, j, teacher, splits[0], t_dir, out, encoders, st, device)
     if done("timing"):
         return {}
     from wsimil.lrmil.bundle import save_bundle
@@ -352,7 +352,7 @@ def stage1_fold(cfg, j, teacher, sp, layers, s1_input, hr_dir, dump, out, hr_key
     return path, key_of("lr_student", key, cfg.lr_mag)
 
 
-def time_run(cfg, j, teacher, sp, t_dir, out, encoders, lr_t_key, s1_input, st, device) -> dict:
+def time_run(cfg, j, teacher, sp, t_dir, out, encoders, st, device) -> dict:
     """Time both inference paths on up to ``cfg.timing_slides`` test slides of the first fold with that fold's
     models; cached in ``timing.json`` under a key of the models."""
     from wsimil.lrmil.infer import SlidePipeline, time_paths
