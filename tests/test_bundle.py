@@ -77,6 +77,14 @@ def test_feature_only_bundle_refuses_slides_but_scores_features(digit_run, tmp_p
     got = pred.loc[0, [f"prob_{c}" for c in b.classes]].to_numpy(dtype=float)
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert str(pred.loc[0, "predicted"]) == b.classes[int(np.argmax(want))]
+    # --fold 1: that fold's model alone; an unknown fold is named
+    predict_features(b, feats, tmp_path / "pred1", device="cpu", folds=[1])
+    one = __import__("pandas").read_csv(tmp_path / "pred1" / "predictions.csv", dtype={"slide_id": str})
+    m1, s1 = b.load_models(folds=[1])[0]
+    np.testing.assert_allclose(one.loc[0, f"prob_{b.classes[1]}"], torch.softmax(m1(s1(x)).logits, -1)[0, 1].item(),
+                               atol=1e-6)  # fmt: skip
+    with pytest.raises(WsimilError, match="no fold 5"):
+        b.load_models(folds=[5])
 
 
 def test_wrong_features_and_versions_fail_clearly(digit_run, tmp_path):

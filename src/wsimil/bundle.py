@@ -164,15 +164,22 @@ class Bundle:
         return self.encoder is not None and self.tiling is not None
 
     # ------------------------------------------------------------------ aggregators
-    def load_models(self, device: str = "cpu") -> list[tuple[Any, Any]]:
-        """Every member as ``(model in eval mode on device, Standardizer | None)``; checksums and weights are
-        checked, and a checkpoint this wsimil cannot rebuild fails with an error naming both versions."""
+    def load_models(self, device: str = "cpu", folds: list[int] | None = None) -> list[tuple[Any, Any]]:
+        """Every member (of ``folds``, default all) as ``(model in eval mode on device, Standardizer | None)``;
+        checksums and weights are checked, and a checkpoint this wsimil cannot rebuild fails with an error naming
+        both versions."""
         from wsimil.data.batching import Standardizer
         from wsimil.features.encoders import sha256_file
         from wsimil.methods.trainer import load_model
 
+        have = sorted({m.fold for m in self.members})
+        unknown = sorted(set(folds or []) - set(have))
+        if unknown:
+            raise WsimilError(f"bundle {self.path} has no fold {', '.join(map(str, unknown))}; folds: {have}")
         out = []
         for m in self.members:
+            if folds and m.fold not in folds:
+                continue
             p = self.path / m.file
             if not p.is_file():
                 raise WsimilError(f"bundle {self.path}: member {m.file} is missing")

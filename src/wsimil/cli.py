@@ -348,7 +348,9 @@ def demo(
 @app.command()
 @_user_errors
 def predict(
-    model: Annotated[Path, typer.Option(help="Model bundle (RUN/bundle, written by `wsimil train`).")],
+    model: Annotated[
+        Path, typer.Option(help="Model bundle: RUN/bundle written by `wsimil train` or by `wsimil lrmil`.")
+    ],
     out: Annotated[Path, typer.Option(help="Output folder: predictions.csv, scores/, status.csv, job/ (cache).")],
     slides: Annotated[
         str | None, typer.Option(help="A slide folder, a CSV with a 'path' column, or one slide file.")
@@ -366,18 +368,24 @@ def predict(
     ] = None,
     mpp: Annotated[float | None, typer.Option(help="Level-0 µm/px for slides whose metadata lacks it.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Redo tiles and features already cached in OUT/job.")] = False,
+    fold: Annotated[
+        list[int] | None, typer.Option(help="Fold model(s) of the ensemble to use (repeatable; default: all).")
+    ] = None,
 ) -> None:
     """Predict new slides with a model bundle: tile → encode → aggregate (cached tiles and features are reused).
 
     Writes OUT/predictions.csv (slide_id, prob_<class>…, predicted), per-patch scores OUT/scores/{slide_id}.h5 and
-    OUT/status.csv. Exits with status 1 if any slide failed (after finishing all others)."""
+    OUT/status.csv. Exits with status 1 if any slide failed (after finishing all others).
+
+    An LRMIL bundle tiles at 5x only and encodes with each fold's distilled encoder (one --fold is fastest); nothing
+    at 20x is read and no tiling cache is kept."""
     from wsimil.inference import predict_features, predict_slides
     from wsimil.progress import console
 
     if (slides is None) == (features is None):
         raise WsimilError("give exactly one of --slides (slide files) or --features (a feature folder)")
     if features is not None:
-        table = predict_features(model, features, out, device=device)
+        table = predict_features(model, features, out, device=device, folds=fold or None)
     else:
         table = predict_slides(
             model,
@@ -391,6 +399,7 @@ def predict(
             encoder_weights=encoder_weights,
             mpp=mpp,
             overwrite=overwrite,
+            folds=fold or None,
         )
     console.print(f"Predictions: {out / 'predictions.csv'}  per-patch scores: {out / 'scores'}", soft_wrap=True)
     _report_batch(table, "Predicted", out, out / "status.csv")
@@ -545,7 +554,8 @@ def lrmil(
     """LRMIL: distil a 20x teacher into a 5x-only pipeline (SPEC §1), with HR teacher and LR baseline beside it.
 
     Writes RUN/results.json (metrics of teacher_hr, baseline_lr, student_lr; seconds per slide of both inference
-    paths), every step's outputs, and RUN/bundle/ (the LR pipeline; wsimil.lrmil.predict_slides scores new slides)."""
+    paths), every step's outputs, and RUN/bundle/ (the LR pipeline: `wsimil predict --model RUN/bundle` scores new
+    slides from 5x alone)."""
     from wsimil.lrmil.config import load_lrmil_config
     from wsimil.lrmil.pipeline import run_lrmil
     from wsimil.progress import console
@@ -580,29 +590,6 @@ def lrmil(
     if sp.get("hr") is not None:
         console.print(f"seconds per slide: HR {sp['hr']:.2f}, LR {sp['lr']:.2f} ({sp['speedup']:.1f}x faster)")
     console.print(f"Results: {out / 'results.json'}; LR pipeline: {out / 'bundle'}")
-
-
-@app.command("lrmil-predict")
-@_user_errors
-def lrmil_predict(
-    bundle: Annotated[Path, typer.Option(help="LRMIL bundle (RUN/bundle written by `wsimil lrmil`, or RUN).")],
-    slides: Annotated[str, typer.Option(help="A slide folder, a CSV with a 'path' column, or one slide file.")],
-    out: Annotated[Path, typer.Option(help="CSV to write: slide_id, n_patches, prob_<class>…")],
-    fold: Annotated[
-        list[int] | None, typer.Option(help="Fold model(s) to average (repeatable; default: all; one is fastest).")
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Patches per encoder batch.")] = 64,
-) -> None:
-    """Classify new slides with an LRMIL bundle from 5x patches alone (nothing at 20x is read)."""
-    from wsimil.config import resolve_device
-    from wsimil.io import write_csv
-    from wsimil.lrmil.bundle import predict_slides
-    from wsimil.progress import console
-
-    table = predict_slides(bundle, slides, resolve_device(device), fold or None, batch_size=batch_size)
-    write_csv(out, table)
-    console.print(f"Predicted {len(table)} slide(s) → {out}", soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -197,20 +197,30 @@ def predict_slides(
     encoder_weights: str | Path | None = None,
     mpp: float | None = None,
     overwrite: bool = False,
+    folds: list[int] | None = None,
 ) -> pd.DataFrame:
     """Predict slides (a folder, a CSV with a ``path`` column, or one file) with a bundle; returns the per-slide
-    status table (``status`` ok/failed with the ``stage`` that failed). See the module docstring for outputs."""
+    status table (``status`` ok/failed with the ``stage`` that failed). See the module docstring for outputs.
+    ``folds`` picks fold models of the ensemble (default: all). An LRMIL bundle (``wsimil lrmil``) runs its 5×-only
+    path (:func:`wsimil.lrmil.bundle.predict_to_folder`)."""
     from wsimil.config import resolve_device
     from wsimil.features.extract import features_dir, run_extraction
     from wsimil.features.store import FeatureStore
+    from wsimil.lrmil.bundle import is_lrmil_bundle, predict_to_folder
     from wsimil.slide.job import run_tiling
 
+    if not isinstance(bundle, Bundle) and is_lrmil_bundle(bundle):
+        if backend != "local":
+            raise WsimilError(f"an LRMIL bundle predicts with the local backend only, not {backend!r}")
+        return predict_to_folder(
+            bundle, slides, out, resolve_device(device), folds, mpp, batch_size, encoder_weights=encoder_weights
+        )
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     b.require_slides()
     assert b.tiling is not None
     out = Path(out)
     dev = resolve_device(device)
-    members = b.load_models(dev)
+    members = b.load_models(dev, folds)
     job = out / "job"
     tiling = b.tile_settings(mpp=mpp)
     st = b.extract_settings(dev, encoder_weights, batch_size=batch_size)
@@ -274,18 +284,28 @@ def predict_slides(
 
 
 def predict_features(
-    bundle: Bundle | str | Path, features: str | Path, out: str | Path, device: str = "auto"
+    bundle: Bundle | str | Path,
+    features: str | Path,
+    out: str | Path,
+    device: str = "auto",
+    folds: list[int] | None = None,
 ) -> pd.DataFrame:
     """Predict every bag of a feature folder (any layout :class:`~wsimil.features.store.FeatureStore` reads) with a
     bundle; bags from another encoder than the bundle's are refused slide by slide. Outputs as
     :func:`predict_slides` (without the job)."""
     from wsimil.config import resolve_device
     from wsimil.features.store import FeatureStore
+    from wsimil.lrmil.bundle import is_lrmil_bundle
 
+    if not isinstance(bundle, Bundle) and is_lrmil_bundle(bundle):
+        raise WsimilError(
+            f"{bundle} is an LRMIL bundle: each fold has its own distilled encoder, so it predicts from slides "
+            "(--slides), not from a feature folder"
+        )
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     out = Path(out)
     dev = resolve_device(device)
-    members = b.load_models(dev)
+    members = b.load_models(dev, folds)
     store = FeatureStore(features)
     rows, status = [], []
     for sid in store.slide_ids():

@@ -154,10 +154,19 @@ def test_bundle_predicts_from_5x_only(run, monkeypatch, tmp_path):
     assert bundle.classes == ["0", "1"] and bundle.folds == [0, 1]
     slides = tmp_path / "slides.csv"
     pd.DataFrame({"slide_id": test, "path": [job.slides[s]["path"] for s in test]}).to_csv(slides, index=False)
-    args = ["lrmil-predict", "--bundle", str(out), "--slides", str(slides), "--out", str(tmp_path / "p.csv")]
+    pred = tmp_path / "pred"
+    args = ["predict", "--model", str(out / "bundle"), "--slides", str(slides), "--out", str(pred)]
     res = CliRunner().invoke(app, [*args, "--fold", str(k), "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    got = pd.read_csv(tmp_path / "p.csv").set_index("slide_id")
+    got = pd.read_csv(pred / "predictions.csv").set_index("slide_id")
+    assert (pd.read_csv(pred / "status.csv").status == "ok").all()
+    assert set(got.predicted.astype(str)) <= {"0", "1"} and (got.n_patches > 0).all()
+    from wsimil.inference import read_scores
+
+    sc = read_scores(pred / "scores" / f"{test[0]}.h5")  # 5x attention over the slide's 5x patches, for heatmaps
+    assert sc["maps"]["attention"].shape == (got.loc[test[0], "n_patches"],)
+    assert sc["maps"]["attention"].sum() == pytest.approx(1.0, abs=1e-4)
+    assert len(sc["coords"]) == got.loc[test[0], "n_patches"] and sc["attrs"]["patch_size_level0"] > 0
     assert reads and min(reads) == pytest.approx(2.0)  # only the 2 µm/px level (and the thumbnail) was read
     want = pd.read_csv(out / "student" / f"fold{k}" / "predictions.csv").set_index("slide_id")
     assert np.allclose(got.loc[test, "prob_1"], want.loc[test, "prob_1"], atol=1e-4)
@@ -174,6 +183,34 @@ def test_bundle_predicts_from_5x_only(run, monkeypatch, tmp_path):
     enc = build_teacher_encoder(LRMILConfig(encoder="lrmil_test_resnet"))
     encode_grid(final_fn(enc), job.grid(test[0], 20.0), EncodeSettings())
     assert min(reads) == pytest.approx(0.5)
+
+
+def test_predict_lrmil_bundle_isolates_a_bad_slide(run, tmp_path):
+    """`wsimil predict` with an LRMIL bundle: a broken slide fails alone (exit 1, listed in status.csv), the good one
+    is predicted; a feature folder is refused (each fold has its own encoder); an unknown fold is named."""
+    from wsimil.lrmil.job import LRMILJob
+
+    out = run["out"]
+    k, _, test = folds_of(out)[0]
+    job = LRMILJob(run["job"])
+    bad = tmp_path / "broken.svs"
+    bad.write_bytes(b"not a slide")
+    slides = tmp_path / "slides.csv"
+    pd.DataFrame({"slide_id": [test[0], "broken"], "path": [job.slides[test[0]]["path"], str(bad)]}).to_csv(
+        slides, index=False
+    )
+    pred = tmp_path / "pred"
+    base = ["predict", "--model", str(out), "--device", "cpu", "--fold", str(k)]
+    res = CliRunner().invoke(app, [*base, "--slides", str(slides), "--out", str(pred)])
+    assert res.exit_code == 1, res.output
+    st = pd.read_csv(pred / "status.csv").set_index("slide_id")
+    assert st.loc[test[0], "status"] == "ok" and st.loc["broken", "status"] == "failed"
+    assert "broken" in st.loc["broken", "error"] or "slide" in st.loc["broken", "error"]
+    assert list(pd.read_csv(pred / "predictions.csv").slide_id) == [test[0]]
+    res = CliRunner().invoke(app, [*base, "--features", str(out / "features" / "lr_teacher"), "--out", str(pred)])
+    assert res.exit_code != 0 and "LRMIL bundle" in res.output
+    res = CliRunner().invoke(app, [*base[:-1], "7", "--slides", str(slides), "--out", str(tmp_path / "p2")])
+    assert res.exit_code != 0 and "no fold 7" in res.output
 
 
 def test_stage1_keeps_the_teacher_frozen(run):

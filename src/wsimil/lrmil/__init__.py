@@ -10,7 +10,7 @@ Steps, each usable on its own (see :mod:`wsimil.lrmil.pipeline` for the order, t
 - :mod:`~wsimil.lrmil.losses` — every loss as a pure function; :mod:`~wsimil.lrmil.taps` — timm
   ``forward_intermediates`` for CNNs and ViTs;
 - :mod:`~wsimil.lrmil.infer` / :mod:`~wsimil.lrmil.bundle` — the inference paths, their timing, the saved LR
-  pipeline and ``predict_slides``.
+  pipeline, ``predict_slides`` (a table) and ``predict_to_folder`` (``wsimil predict``).
 
 ``run_lrmil(load_lrmil_config(...), job, manifest, out)`` runs everything (``wsimil lrmil`` on the command line).
 """
@@ -24,6 +24,7 @@ _EXPORTS = {
     "LRMILConfig": "wsimil.lrmil.config",
     "load_lrmil_config": "wsimil.lrmil.config",
     "predict_slides": "wsimil.lrmil.bundle",
+    "predict_to_folder": "wsimil.lrmil.bundle",
     "load_lrmil_bundle": "wsimil.lrmil.bundle",
 }
 

@@ -13,8 +13,9 @@ size, tissue detection, reader) and per fold the bundle folder and the encoder f
 
 Every fold has its own distilled encoder (stage 1 never sees the fold's test slides), so the fold bundles do not
 record an encoder for ``wsimil.bundle``: its slide path would build the registry encoder at the registry input size,
-not the distilled one at the LR patch size. :func:`predict_slides` is the slide path: tile at 5×, encode with each
-fold's encoder, average the fold students' probabilities. Nothing at 20× is read.
+not the distilled one at the LR patch size. :func:`predict_to_folder` (``wsimil predict --model RUN/bundle``) is
+the slide path: tile at 5×, encode with each fold's encoder, average the fold students' probabilities and attention.
+Nothing at 20× is read. :func:`predict_slides` is the same as a Python call returning a table.
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ def save_bundle(
             encoder=None,
             tiling=None,
             config=config,
-            slide_settings_missing=f"an LRMIL student: score slides with wsimil.lrmil.bundle.predict_slides on "
-            f"{out} (fold {k}'s distilled encoder is in {d.name}/lrmil_encoder.pt)",
+            slide_settings_missing=f"an LRMIL student: score slides with `wsimil predict --model {out}` "
+            f"(fold {k}'s distilled encoder is in {d.name}/lrmil_encoder.pt)",
         )
         rel = None
         sha = None
@@ -122,6 +123,8 @@ class LRMILBundle:
     def __post_init__(self) -> None:
         self._base: Encoder | None = None
         self._arch: Encoder | None = None
+        self._fold_bundles: dict = {}
+        self.weights_override: str | Path | None = None  # where the teacher weights file is now (ablated stage 1)
 
     @property
     def classes(self) -> list[str]:
@@ -152,7 +155,7 @@ class LRMILBundle:
         if e["hub"]:
             weights = "hub"
         elif e["weights"]:
-            weights = e["weights"]
+            weights = str(self.weights_override or e["weights"])
             if e.get("weights_sha256") and Path(weights).is_file() and sha256_file(weights) != e["weights_sha256"]:
                 raise WsimilError(f"encoder weights {weights} do not match the checksum recorded in {self.path}")
         else:
@@ -173,7 +176,6 @@ class LRMILBundle:
 
     def fold_pipeline(self, fold: int, device: str = "cpu", **encode_kw) -> SlidePipeline:
         """Fold ``fold``'s LR path: 5× tiling, its distilled encoder, its student."""
-        from wsimil.bundle import load_bundle
         from wsimil.lrmil.stage1 import load_student
 
         entry = next((e for e in self.meta["folds"] if int(e["fold"]) == fold), None)
@@ -186,8 +188,19 @@ class LRMILBundle:
             if not path.is_file() or sha256_file(path) != entry["encoder_sha256"]:
                 raise WsimilError(f"bundle {self.path}: {entry['encoder']} is missing or does not match its checksum")
             encoder, _ = load_student(path, self.architecture())
-        members = load_bundle(self.path / entry["bundle"]).load_models(device)
-        return SlidePipeline(self.tile_settings(), encoder, members, EncodeSettings(device=device, **encode_kw))
+        members = self.fold_bundle(fold).load_models(device)
+        return SlidePipeline(self.tile_settings(), encoder, members, EncodeSettings(device=device, **encode_kw), fold)
+
+    def fold_bundle(self, fold: int):
+        """Fold ``fold``'s student as a :class:`wsimil.bundle.Bundle` (classes, task, checkpoint)."""
+        from wsimil.bundle import load_bundle
+
+        if fold not in self._fold_bundles:
+            entry = next((e for e in self.meta["folds"] if int(e["fold"]) == fold), None)
+            if entry is None:
+                raise WsimilError(f"bundle {self.path} has no fold {fold}; folds: {self.folds}")
+            self._fold_bundles[fold] = load_bundle(self.path / entry["bundle"])
+        return self._fold_bundles[fold]
 
 
 def load_lrmil_bundle(path: str | Path) -> LRMILBundle:
@@ -203,6 +216,32 @@ def load_lrmil_bundle(path: str | Path) -> LRMILBundle:
     return LRMILBundle(p, meta)
 
 
+def _fold_pipelines(b: LRMILBundle, device: str, folds: list[int] | None, **encode_kw) -> list[SlidePipeline]:
+    unknown = sorted(set(folds or []) - set(b.folds))
+    if unknown:
+        raise WsimilError(f"bundle {b.path} has no fold {', '.join(map(str, unknown))}; folds: {b.folds}")
+    return [b.fold_pipeline(k, device, **encode_kw) for k in (folds or b.folds)]
+
+
+def score_slide(b: LRMILBundle, pipes: list[SlidePipeline], spec: SlideSpec, device: str):
+    """One slide through the LR path of every chosen fold: ``(SlideScores, 5x patch grid)``. Each fold encodes the
+    5× patches with its own distilled encoder; probabilities and attention maps are the folds' mean."""
+    from wsimil.inference import SlideScores, score_bag
+
+    grid = pipes[0].tile(spec)
+    if len(grid.coords) == 0:
+        raise WsimilError(f"slide {spec.slide_id!r}: no tissue patches at {pipes[0].mag:g}x to score")
+    parts = [score_bag(p.members, p.features(grid, spec.mpp), b.fold_bundle(p.fold), device) for p in pipes]
+    maps = {n: np.mean([s.maps[n] for s in parts], 0).astype(np.float32) for n in parts[0].maps}
+    s = SlideScores(
+        probs=np.mean([s.probs for s in parts], 0),
+        member_probs=np.concatenate([s.member_probs for s in parts]),
+        maps=maps,
+        kind=parts[0].kind,
+    )
+    return s, grid
+
+
 def predict_slides(
     bundle: str | Path | LRMILBundle,
     slides: str | Path | list[SlideSpec],
@@ -212,14 +251,82 @@ def predict_slides(
 ) -> pd.DataFrame:
     """Class probabilities of new slides from 5× alone: ``slide_id, n_patches, prob_<class>…`` (mean over the
     chosen ``folds``; default all — each fold encodes the patches with its own distilled encoder, so one fold is
-    the fastest). ``slides``: a folder, a CSV with a ``path`` column, one slide, or ``SlideSpec`` objects."""
+    the fastest). ``slides``: a folder, a CSV with a ``path`` column, one slide, or ``SlideSpec`` objects. Errors
+    stop the call; :func:`predict_to_folder` is the batch path that isolates failing slides."""
     b = bundle if isinstance(bundle, LRMILBundle) else load_lrmil_bundle(bundle)
     specs = slides if isinstance(slides, list) else collect_slides(slides)
-    pipes = [b.fold_pipeline(k, device, **encode_kw) for k in (folds or b.folds)]
+    pipes = _fold_pipelines(b, device, folds, **encode_kw)
     rows = []
     for spec in specs:
-        grid = pipes[0].tile(spec)
-        probs = np.mean([p.classify(p.features(grid, spec.mpp)) for p in pipes], 0)
+        s, grid = score_slide(b, pipes, spec, device)
         rows.append({"slide_id": spec.slide_id, "n_patches": len(grid.coords), **dict(zip(
-            [f"prob_{c}" for c in b.classes], map(float, probs), strict=True))})  # fmt: skip
+            [f"prob_{c}" for c in b.classes], map(float, s.probs), strict=True))})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def predict_to_folder(
+    bundle: str | Path | LRMILBundle,
+    slides: str | Path,
+    out: str | Path,
+    device: str = "cpu",
+    folds: list[int] | None = None,
+    mpp: float | None = None,
+    batch_size: int = 64,
+    encoder_weights: str | Path | None = None,
+) -> pd.DataFrame:
+    """``wsimil predict`` with an LRMIL bundle: the outputs of :func:`wsimil.inference.predict_slides`
+    (``OUT/predictions.csv`` with ``n_patches``, ``OUT/scores/{slide_id}.h5`` holding the folds' mean 5× attention,
+    ``OUT/status.csv``) from 5× patches alone. Patches are read in memory (no tiling job is cached); a slide that fails
+    is listed in the status table while the others go on. Returns the status table."""
+    import time
+    import traceback
+
+    from wsimil.inference import _finish, _prediction_row, write_scores
+    from wsimil.progress import console, track
+
+    b = bundle if isinstance(bundle, LRMILBundle) else load_lrmil_bundle(bundle)
+    b.weights_override = encoder_weights
+    out = Path(out)
+    specs = collect_slides(slides)
+    if mpp is not None:
+        specs = [s if s.mpp is not None else SlideSpec(s.slide_id, s.path, mpp, s.extra) for s in specs]
+    pipes = _fold_pipelines(b, device, folds, batch_size=batch_size)
+    ks = folds or b.folds
+    console.print(
+        f"Predicting with LRMIL ({len(pipes)} fold pipeline{'s' * (len(pipes) > 1)}: distilled "
+        f"{b.meta['encoder']['name']} + student, {b.meta['tiling']['mag']:g}x {b.meta['tiling']['patch_size']}px; "
+        f"nothing at high magnification is read) → {out}",
+        soft_wrap=True,
+    )
+    ref = b.fold_bundle(ks[0])
+    rows, status = [], []
+    for spec in track(specs, "LRMIL predict"):
+        t0 = time.perf_counter()
+        try:
+            s, grid = score_slide(b, pipes, spec, device)
+            attrs = {
+                "slide_path": spec.path,
+                "patch_size_level0": float(grid.step0),
+                "mag": float(b.meta["tiling"]["mag"]),
+                "mpp": spec.mpp,
+                "classes": json.dumps(b.classes),
+                "folds": json.dumps(list(ks)),
+            }
+            write_scores(out / "scores" / f"{spec.slide_id}.h5", spec.slide_id, grid.coords, s, attrs)
+            rows.append({**_prediction_row(spec.slide_id, s, ref), "n_patches": len(grid.coords)})
+            status.append({"slide_id": spec.slide_id, "status": "ok", "stage": "", "error": ""})
+        except WsimilError as e:
+            status.append({"slide_id": spec.slide_id, "status": "failed", "stage": "predict", "error": str(e)})
+        except Exception as e:  # noqa: BLE001 - one bad slide must not stop the batch
+            msg = traceback.format_exception_only(type(e), e)[-1].strip()
+            status.append(
+                {"slide_id": spec.slide_id, "status": "failed", "stage": "predict", "error": f"unexpected: {msg}"}
+            )
+        status[-1]["seconds"] = round(time.perf_counter() - t0, 3)
+    return _finish(out, rows, status, ref)
+
+
+def is_lrmil_bundle(path: str | Path) -> bool:
+    """Whether ``path`` (a bundle folder or a run holding one) is an LRMIL bundle."""
+    p = Path(path)
+    return (p / META).is_file() or (p / "bundle" / META).is_file()

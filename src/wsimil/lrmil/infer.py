@@ -31,6 +31,7 @@ class SlidePipeline:
     encoder: Encoder
     members: list[tuple[MILModel, Standardizer | None]]
     encode: EncodeSettings
+    fold: int | None = None  # the bundle fold it belongs to, if any
 
     def __post_init__(self) -> None:
         if len(self.tiling.mags) != 1:
