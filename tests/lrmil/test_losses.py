@@ -103,3 +103,9 @@ def test_topk_instance_loss_by_hand():
     # k = 1: top {0}, bottom {1}
     assert topk_instance_loss(z, g, mask, 1).item() == pytest.approx(-math.log(0.75), rel=1e-5)
     assert topk_instance_loss(z, g, mask, 4, torch.tensor([False, True])).item() == 0.0
+    # ties (e.g. patches without HR children all get g = 0): no instance may be both a positive and a negative
+    gt = torch.zeros(1, 2)  # two tied instances, k = 1: one is top, the other bottom
+    zt = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0]]])  # p(1) = 0.75 and 0.5
+    # stable ranking: instance 0 is the positive, instance 1 the negative (not instance 0 twice: -log .75 - log .25)
+    want = (-math.log(0.75) - math.log(0.5)) / 2
+    assert topk_instance_loss(zt, gt, torch.ones(1, 2, dtype=torch.bool), 4).item() == pytest.approx(want, rel=1e-5)

@@ -117,7 +117,8 @@ def topk_instance_loss(
     instance_logits: Tensor, guidance: Tensor, mask: Tensor, k: int = 4, use: Tensor | None = None
 ) -> Tensor:
     """Cross-entropy of the instance head on each bag's ``k`` instances with the highest teacher guidance (target
-    1) and the ``k`` lowest (target 0), ``k = min(k, ⌊N_b/2⌋)``; averaged within a bag, then over the bags that
+    1) and the ``k`` lowest (target 0), ``k = min(k, ⌊N_b/2⌋)``, taken from one stable ranking so that no instance is
+    in both (ties, e.g. patches without HR children, would otherwise be); averaged within a bag, then over the bags that
     count (``use``) and have ``k ≥ 1``. ``instance_logits (B, N, 2)``, ``guidance``/``mask (B, N)``."""
     losses = []
     for b in range(instance_logits.shape[0]):
@@ -127,9 +128,8 @@ def topk_instance_loss(
         kb = min(k, len(idx) // 2)
         if kb < 1:
             continue
-        g = guidance[b, idx]
-        top = idx[torch.topk(g, kb).indices]
-        bottom = idx[torch.topk(-g, kb).indices]
+        order = idx[torch.argsort(guidance[b, idx], descending=True, stable=True)]  # one order: with ties at the
+        top, bottom = order[:kb], order[len(order) - kb :]  # cut, two topk calls could pick an instance twice
         z = instance_logits[b, torch.cat([top, bottom])]
         y = torch.cat([torch.ones(kb), torch.zeros(kb)]).long().to(z.device)
         losses.append(F.cross_entropy(z, y))
