@@ -67,6 +67,30 @@ def test_results_report_three_models_and_both_paths(run):
     assert sorted(preds.slide_id) == sorted(pd.read_csv(run["manifest"]).slide_id)
 
 
+def test_baseline_sees_lr_patches_at_the_student_input_size(run):
+    """The undistilled LR features (baseline, no-stage-1 ablation) come from the teacher's weights at the student's
+    input size (64 px here, the teacher's native size is 32), i.e. from E_S before stage 1: they differ from the
+    student only by distillation."""
+    import torch
+
+    from wsimil.lrmil.config import LRMILConfig
+    from wsimil.lrmil.features import EncodeSettings, encode_grid, final_fn
+    from wsimil.lrmil.job import LRMILJob
+    from wsimil.lrmil.pipeline import build_teacher_encoder
+    from wsimil.lrmil.taps import make_student
+
+    with h5py.File(run["out"] / "features" / "lr_teacher" / "synth_0000.h5", "r") as f:
+        got = f["features"][()]
+        attrs = dict(f["features"].attrs)
+    assert attrs["encoder"] == "lrmil_test_resnet@64px" and int(attrs["lrmil_input_size"]) == 64
+    teacher = build_teacher_encoder(LRMILConfig(encoder="lrmil_test_resnet"))
+    grid = LRMILJob(run["job"]).grid("synth_0000", 5.0)
+    with torch.no_grad():
+        at64 = encode_grid(final_fn(make_student(teacher, 64)), grid, EncodeSettings())["features"]
+        at32 = encode_grid(final_fn(teacher), grid, EncodeSettings())["features"]
+    assert np.allclose(got, at64, atol=1e-5) and not np.allclose(got, at32, atol=1e-3)
+
+
 def test_hr_features_carry_summary_tokens(run):
     with h5py.File(run["out"] / "features" / "hr" / "synth_0000.h5", "r") as f:
         n = f["features"].shape[0]
@@ -129,6 +153,14 @@ def test_ablation_flags_reuse_the_shared_steps(run, tmp_path):
     assert "lr_teacher" in json.loads((out / "student" / "fold0" / "results.json").read_text())["config"]["features"]
     assert ck["method_kwargs"]["lambda_bag"] == 0.0
     assert res["metrics"]["teacher_hr"] == run["res"]["metrics"]["teacher_hr"]
+    # its bundle (no distilled encoder) encodes at the size the student was trained on, so it reproduces the student
+    from wsimil.lrmil.bundle import load_lrmil_bundle, predict_slides
+    from wsimil.lrmil.job import LRMILJob
+
+    k, _, test = folds_of(run["out"])[0]  # the shared run holds the splits
+    got = predict_slides(load_lrmil_bundle(out), [LRMILJob(run["job"]).spec(test[0])], folds=[k])
+    want = pd.read_csv(out / "student" / f"fold{k}" / "predictions.csv").set_index("slide_id")
+    assert got.prob_1[0] == pytest.approx(want.loc[test[0], "prob_1"], abs=1e-4)
 
 
 def test_bundle_predicts_from_5x_only(run, monkeypatch, tmp_path):

@@ -181,8 +181,11 @@ class LRMILBundle:
         entry = next((e for e in self.meta["folds"] if int(e["fold"]) == fold), None)
         if entry is None:
             raise WsimilError(f"bundle {self.path} has no fold {fold}; folds: {self.folds}")
-        if entry["encoder"] is None:
-            encoder = self.base_encoder()
+        if entry["encoder"] is None:  # stage 1 ablated: the teacher encoder at the LR input size
+            from wsimil.lrmil.pipeline import undistilled_lr_encoder
+
+            base = self.base_encoder()
+            encoder = undistilled_lr_encoder(base, int(self.meta["encoder"].get("input_size") or base.spec.input_size))
         else:
             path = self.path / entry["encoder"]
             if not path.is_file() or sha256_file(path) != entry["encoder_sha256"]:

@@ -161,7 +161,7 @@ def run_lrmil(
     teacher = build_teacher_encoder(cfg)
     nb = n_blocks(teacher.model)
     layers = check_layers(cfg.stage1.layers or default_layers(nb), nb, f"encoder {cfg.encoder!r}")
-    s1_input = cfg.stage1.input_size or j.patch_size
+    s1_input = lr_input_size(cfg, j)
     resolved = {
         **cfg.model_dump(mode="json"),
         "device": device,
@@ -184,7 +184,7 @@ def run_lrmil(
         tiling.get("settings_key"),
     )
     hr_key = key_of("hr", enc_id, cfg.hr_mag, layers)
-    lr_t_key = key_of("lr_teacher", enc_id, cfg.lr_mag)
+    lr_t_key = key_of("lr_teacher", enc_id, cfg.lr_mag, s1_input)
     split_key = key_of([(s.fold, s.train, s.val, s.test) for s in splits])
     console.print(
         f"LRMIL on {len(ids)} slides, {len(splits)} folds, encoder {cfg.encoder} ({teacher.weights}), "
@@ -214,8 +214,12 @@ def run_lrmil(
             dump_teacher(ckpt, hr_dir, ids, path, device)
     if done("teacher"):
         return {}
-    lr_t_dir = extract(j, ids, cfg.lr_mag, final_fn(teacher), teacher, base / "features" / "lr_teacher", lr_t_key, st,
-                       f"   LR features ({cfg.lr_mag:g}x) of the undistilled encoder")  # fmt: skip
+    # the undistilled encoder sees LR patches at the student's input size: E_S before stage 1, so that the baseline
+    # and the no-stage-1 ablation differ from the student by the distillation alone (not by a resize to 224 px)
+    lr_base = undistilled_lr_encoder(teacher, s1_input)
+    lr_t_dir = extract(j, ids, cfg.lr_mag, final_fn(lr_base), lr_base, base / "features" / "lr_teacher", lr_t_key, st,
+                       f"   LR features ({cfg.lr_mag:g}x, {s1_input} px) of the undistilled encoder",
+                       attrs=undistilled_attrs(teacher, s1_input))  # fmt: skip
     console.print("   LR baseline: plain ABMIL on those features")
     b_key = key_of(lr_t_key, split_key, cfg.student.model_dump(), man.classes, cfg.seed, cfg.bootstrap)
     b_dir = fresh_dir(base / "baseline_lr", b_key)
@@ -284,7 +288,7 @@ def run_lrmil(
         classes=man.classes,
         encoder=teacher,
         seed=cfg.seed,
-        student_input=s1_input if cfg.stage1.enabled else None,
+        student_input=s1_input,
         tiling=j.tile_settings([cfg.lr_mag]),
         config=resolved,
     )
@@ -352,6 +356,31 @@ def stage1_fold(cfg, j, teacher, sp, layers, s1_input, hr_dir, dump, out, hr_key
     return path, key_of("lr_student", key, cfg.lr_mag)
 
 
+def undistilled_lr_encoder(teacher: Encoder, input_size: int) -> Encoder:
+    """The teacher encoder at the LR input size (the student before stage 1); the teacher itself if sizes agree."""
+    from wsimil.lrmil.taps import make_student
+
+    if input_size == teacher.spec.input_size:
+        return teacher
+    enc = make_student(teacher, input_size)
+    enc.weights, enc.weights_sha256 = teacher.weights, teacher.weights_sha256  # the teacher's weights, unchanged
+    return enc
+
+
+def undistilled_attrs(teacher: Encoder, input_size: int) -> dict:
+    """Feature provenance of :func:`undistilled_lr_encoder`: at a size other than the registry's, the encoder is
+    named ``{name}@{size}px`` (not a registry entry, so a bundle trained on these features scores feature folders,
+    and ``wsimil predict`` does not rebuild the encoder at the wrong size)."""
+    if input_size == teacher.spec.input_size:
+        return {"lrmil_input_size": input_size}
+    return {"encoder": f"{teacher.name}@{input_size}px", "lrmil_input_size": input_size}
+
+
+def lr_input_size(cfg: LRMILConfig, j: LRMILJob) -> int:
+    """Pixels of the LR encoder input: ``stage1.input_size``, by default the LR patch size."""
+    return cfg.stage1.input_size or j.patch_size
+
+
 def time_run(cfg, j, teacher, sp, t_dir, out, encoders, st, device) -> dict:
     """Time both inference paths on up to ``cfg.timing_slides`` test slides of the first fold with that fold's
     models; cached in ``timing.json`` under a key of the models."""
@@ -377,7 +406,7 @@ def time_run(cfg, j, teacher, sp, t_dir, out, encoders, st, device) -> dict:
         model, ck = load_model(ckpt, device)
         return [(model, Standardizer.from_state(ck.get("standardizer")))]
 
-    lr_encoder = teacher
+    lr_encoder = undistilled_lr_encoder(teacher, lr_input_size(cfg, j))
     if encoders.get(k) is not None:
         lr_encoder, _ = load_student(encoders[k], teacher)
     hr_path = SlidePipeline(j.tile_settings([cfg.hr_mag]), teacher, members(t_ckpt), st)
