@@ -5,8 +5,10 @@ The synthetic cohort's tumour evidence is fine nuclear texture: clear at 20×, f
 Targets: student AUC within 0.02 of the teacher's, clearly above the baseline's, and the LR path ≥ 10× faster.
 
     python benchmarks/lrmil.py [--cohort /tmp/coh40 --job /tmp/job40] [--slides 40] [--folds 5] [--out DIR]
-                               [--ablations] [--threads 1] [--stage1-epochs 5]
+                               [--ablations] [--threads 1] [--stage1-epochs 5] [--proxy-teacher | --weights W]
 
+``--proxy-teacher`` makes E_T a resnet18 trained at 20× on a disjoint synthetic cohort (benchmarks/proxy_encoder.py):
+offline there are no pretrained weights, and a randomly initialised ResNet knows nothing for stage 1 to distil.
 Without ``--cohort``/``--job`` it synthesises ``--slides`` slides and tiles them at 20× and 5× under ``--out``. Steps
 are resumable (re-running reuses finished ones). ``--ablations`` adds the four ablations (no stage 1, no bag KD, no
 attention KD, no instance loss), sharing the features, teacher, baseline and stage 1 of the main run.
@@ -98,6 +100,12 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--encoder", default="resnet18")
     ap.add_argument("--weights", default=None)
+    ap.add_argument(
+        "--proxy-teacher",
+        action="store_true",
+        help="E_T = a resnet18 trained at 20x on a disjoint synthetic cohort (benchmarks/proxy_encoder.py), standing "
+        "in for a pathology foundation model offline; without it and without --weights E_T is randomly initialised",
+    )
     ap.add_argument("--config", default=None, help="LRMIL YAML (default: the built-in defaults)")
     ap.add_argument("--stage1-epochs", type=int, default=None)
     ap.add_argument("--timing-slides", type=int, default=4)
@@ -124,6 +132,15 @@ def main() -> None:
         manifest, job = out / "cohort" / "manifest.csv", out / "job"
     if not (job / "tiling.yaml").is_file():
         run_tiling(manifest, job, TileSettings(mags=[20, 5]))
+    proxy = None
+    if args.proxy_teacher:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        from proxy_encoder import train_proxy
+
+        proxy = train_proxy(out / "proxy", args.encoder)
+        args.weights = proxy["weights"]
     base = {
         "encoder": args.encoder,
         "weights": args.weights,
@@ -138,6 +155,8 @@ def main() -> None:
         "cohort": str(manifest),
         "folds": args.folds,
         "encoder": args.encoder,
+        "encoder_weights": args.weights or "random init",
+        "proxy_teacher": proxy,
         "device": "cpu",
         "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
