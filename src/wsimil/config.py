@@ -41,7 +41,7 @@ class TrainConfig(BaseModel):
     early_stopping: bool = True
     monitor: Literal["val_loss", "val_auc"] = "val_loss"
     patience: int = Field(10, ge=1)
-    min_epochs: int = Field(10, ge=0)
+    min_epochs: int = Field(10, ge=0)  # epochs before a model may be kept (selected on validation) or stopped
     # splits
     folds: int = Field(5, ge=2)
     repeats: int = Field(1, ge=1)

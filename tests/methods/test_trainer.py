@@ -206,3 +206,15 @@ def test_method_interface_extra_heads_options_and_baseline_fold(digit_cohort, tm
         assert f["metrics_flipped"]["auc"] == pytest.approx(1 - f["metrics"]["auc"])
     assert set(res["metrics_flipped"]) >= {"auc", "accuracy"} and "ci_flipped" in res["folds"][0]
     assert "train_ce" in pd.read_csv(tmp_path / "run" / "history.csv").columns
+
+
+def test_kept_epoch_has_trained_min_epochs(digit_cohort, tmp_path):
+    """Early stopping selects among epochs min_epochs and later: with lr 0.5 the validation loss is worst after the
+    first epochs, yet the kept model is never one trained fewer than min_epochs epochs."""
+    feats, manifest = digit_cohort
+    cfg = load_config(model="abmil", **{**FAST, "epochs": 6, "folds": 2, "min_epochs": 4, "patience": 1, "lr": 0.5})
+    run_training(cfg, feats, manifest, tmp_path / "run")
+    hist = pd.read_csv(tmp_path / "run" / "history.csv")
+    for _, h in hist.groupby("fold"):
+        assert h.best.sum() == 1 and int(h.epoch[h.best].iloc[0]) >= 3
+        assert len(h) >= 4  # no stop before min_epochs

@@ -276,14 +276,16 @@ class Trainer:
             history.append(row)
             progress.update(task, advance=1, info=_info(row))
 
-            if len(ctx.val) and cfg.early_stopping:
+            # a kept model has trained at least min_epochs epochs: on a validation part of a few slides the
+            # validation loss can rise from the first epoch on, and "best" would be the untrained model
+            if len(ctx.val) and cfg.early_stopping and epoch + 1 >= min(cfg.min_epochs, cfg.epochs):
                 score = row["val_loss"] if cfg.monitor == "val_loss" else -_nan_to(row["val_auc"], -math.inf)
                 if score < best_score:
                     best_score, best_epoch, bad_epochs = score, epoch, 0
                     best_state = copy.deepcopy(model.state_dict())
                 else:
                     bad_epochs += 1
-                if epoch + 1 >= cfg.min_epochs and bad_epochs >= cfg.patience:
+                if bad_epochs >= cfg.patience:
                     break
         if best_state is not None:
             model.load_state_dict(best_state)
