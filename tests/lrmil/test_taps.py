@@ -84,3 +84,21 @@ def test_student_is_a_copy_at_the_lr_input_size():
     with torch.no_grad():
         assert torch.equal(s.model(x), cnn.model(x))
     assert s.model is not cnn.model
+
+
+def test_student_input_gives_each_child_whole_token_blocks():
+    from wsimil.lrmil.taps import check_student_input, student_input_size
+
+    vit16 = tiny("test_vit", 64, img_size=32, dynamic_img_size=False)
+    vit14 = tiny("test_vit", 64, img_size=28, patch_size=14, dynamic_img_size=False)
+    cnn = tiny("test_resnet", 96)
+    assert student_input_size(vit16.model, 256, 4) == 256  # ViT-B/16: 16x16 tokens, 4x4 per child (SPEC)
+    assert student_input_size(vit14.model, 256, 4) == 280  # patch 14: 20x20 tokens, not 256 px's 18x18
+    assert student_input_size(cnn.model, 256, 4) == 256
+    assert check_student_input(vit16.model, 256, 4) is None and check_student_input(cnn.model, 250, 4) is None
+    msg = check_student_input(vit14.model, 256, 4)
+    assert "18x18" in msg and "280" in msg
+    s = make_student(vit14, 280)  # every child owns a 5x5 block
+    with torch.no_grad():
+        t = forward_taps(s.model, torch.randn(1, 3, 280, 280), (0,))
+    assert t.grids[0].shape[-2:] == (20, 20)

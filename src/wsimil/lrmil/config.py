@@ -46,7 +46,7 @@ class Stage1Config(_Strict):
     lambda_layer: float = Field(1.0, ge=0)
     lambda_attn: float = Field(1.0, ge=0)
     layers: list[int] | None = None  # teacher/student blocks K; default first, second, last-but-one
-    input_size: int | None = None  # student input in px; default the LR patch size
+    input_size: int | None = None  # student input in px; default the LR patch size (ViT: whole token blocks per child)
     freeze_norm_stats: bool = True  # batch norm keeps the teacher's running statistics (CNN students)
     workers: int = Field(0, ge=0)
 

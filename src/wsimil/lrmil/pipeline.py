@@ -161,7 +161,7 @@ def run_lrmil(
     teacher = build_teacher_encoder(cfg)
     nb = n_blocks(teacher.model)
     layers = check_layers(cfg.stage1.layers or default_layers(nb), nb, f"encoder {cfg.encoder!r}")
-    s1_input = lr_input_size(cfg, j)
+    s1_input = lr_input_size(cfg, j, teacher)
     resolved = {
         **cfg.model_dump(mode="json"),
         "device": device,
@@ -376,9 +376,18 @@ def undistilled_attrs(teacher: Encoder, input_size: int) -> dict:
     return {"encoder": f"{teacher.name}@{input_size}px", "lrmil_input_size": input_size}
 
 
-def lr_input_size(cfg: LRMILConfig, j: LRMILJob) -> int:
-    """Pixels of the LR encoder input: ``stage1.input_size``, by default the LR patch size."""
-    return cfg.stage1.input_size or j.patch_size
+def lr_input_size(cfg: LRMILConfig, j: LRMILJob, teacher: Encoder) -> int:
+    """Pixels of the LR encoder input: ``stage1.input_size``, by default the LR patch size (for ViTs the nearest
+    size whose token grid splits into whole child blocks, see :func:`~wsimil.lrmil.taps.student_input_size`). A
+    size that splits tokens between children is refused."""
+    from wsimil.errors import WsimilError
+    from wsimil.lrmil.taps import check_student_input, student_input_size
+
+    size = cfg.stage1.input_size or student_input_size(teacher.model, j.patch_size, j.factor)
+    problem = check_student_input(teacher.model, size, j.factor)
+    if problem:
+        raise WsimilError(f"stage1.input_size: {problem}")
+    return size
 
 
 def time_run(cfg, j, teacher, sp, t_dir, out, encoders, st, device) -> dict:
@@ -406,7 +415,7 @@ def time_run(cfg, j, teacher, sp, t_dir, out, encoders, st, device) -> dict:
         model, ck = load_model(ckpt, device)
         return [(model, Standardizer.from_state(ck.get("standardizer")))]
 
-    lr_encoder = undistilled_lr_encoder(teacher, lr_input_size(cfg, j))
+    lr_encoder = undistilled_lr_encoder(teacher, lr_input_size(cfg, j, teacher))
     if encoders.get(k) is not None:
         lr_encoder, _ = load_student(encoders[k], teacher)
     hr_path = SlidePipeline(j.tile_settings([cfg.hr_mag]), teacher, members(t_ckpt), st)

@@ -45,6 +45,38 @@ def is_vit(model: nn.Module) -> bool:
     return hasattr(timm_net(model), "patch_embed")
 
 
+def token_stride(model: nn.Module) -> int | None:
+    """Pixels per token of a ViT's patch embedding (``None`` for CNNs)."""
+    if not is_vit(model):
+        return None
+    ps = timm_net(model).patch_embed.patch_size
+    return int(ps[0] if isinstance(ps, tuple | list) else ps)
+
+
+def student_input_size(model: nn.Module, patch_size: int, factor: int) -> int:
+    """Default student input for LR patches of ``patch_size`` px: the patch size itself for CNNs; for ViTs the
+    nearest size whose token grid ``factor`` divides, so each HR child owns a whole block of tokens (ViT-B/16 at
+    256 px: 256, a 16×16 grid; a patch-14 ViT such as UNI2-h or Virchow2: 280, 20×20, not 256, whose 18×18 grid
+    would split tokens between children)."""
+    p = token_stride(model)
+    if p is None:
+        return patch_size
+    unit = p * factor
+    return max(unit, int(round(patch_size / unit)) * unit)
+
+
+def check_student_input(model: nn.Module, input_size: int, factor: int) -> str | None:
+    """Why ``input_size`` misaligns a ViT's token grid with the ``factor × factor`` HR children, or ``None``."""
+    p = token_stride(model)
+    if p is None or (input_size // p) % factor == 0:
+        return None
+    return (
+        f"student input {input_size} px gives a {input_size // p}x{input_size // p} token grid (patch {p}), which "
+        f"does not split into {factor}x{factor} whole blocks: tokens are shared between HR children; use a multiple "
+        f"of {p * factor} px (e.g. {student_input_size(model, input_size, factor)})"
+    )
+
+
 def n_blocks(model: nn.Module) -> int:
     """How many blocks ``forward_intermediates`` can tap (timm ``feature_info`` entries)."""
     if isinstance(model, TruncatedResNet):
