@@ -75,19 +75,26 @@ class TrainConfig(BaseModel):
         return v
 
 
+def read_config_file(path: str | Path | None) -> dict[str, Any]:
+    """The option mapping of a YAML config file (``{}`` without one), with a clear error for a missing file,
+    invalid YAML or a file that is not a mapping."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise WsimilError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise WsimilError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise WsimilError(f"config file {path} must hold a mapping of option: value")
+    return data
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """Defaults ← YAML file ← overrides (CLI flags; ``None`` means "not given")."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise WsimilError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise WsimilError(f"config file {path} is not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise WsimilError(f"config file {path} must hold a mapping of option: value")
+    data = read_config_file(path)
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return TrainConfig(**data)

@@ -175,6 +175,16 @@ def _prediction_row(sid: str, s: SlideScores, bundle: Bundle) -> dict:
     return row
 
 
+def failed_status(slide_id: str, err: BaseException, stage: str = "predict") -> dict:
+    """The status row of a slide that failed: a :class:`WsimilError`'s message as is, anything else as
+    ``unexpected: <type>: <message>``."""
+    if isinstance(err, WsimilError):
+        msg = str(err)
+    else:
+        msg = "unexpected: " + traceback.format_exception_only(type(err), err)[-1].strip()
+    return {"slide_id": slide_id, "status": "failed", "stage": stage, "error": msg, "seconds": 0.0}
+
+
 def _finish(out: Path, rows: list[dict], status: list[dict], bundle: Bundle) -> pd.DataFrame:
     cols = ["slide_id", *[f"prob_{c}" for c in bundle.classes], "predicted"]
     if bundle.task == "survival":
@@ -272,13 +282,8 @@ def predict_slides(
             )
             rows.append(_prediction_row(sid, s, b))
             status.append({"slide_id": sid, "status": "ok", "stage": "", "error": "", "seconds": 0.0})
-        except WsimilError as e:
-            status.append({"slide_id": sid, "status": "failed", "stage": "predict", "error": str(e), "seconds": 0.0})
         except Exception as e:  # noqa: BLE001 - one bad slide must not stop the batch
-            msg = traceback.format_exception_only(type(e), e)[-1].strip()
-            status.append(
-                {"slide_id": sid, "status": "failed", "stage": "predict", "error": f"unexpected: {msg}", "seconds": 0}
-            )
+            status.append(failed_status(sid, e))
         status[-1]["seconds"] = round(time.perf_counter() - t0, 3)
     return _finish(out, rows, status, b)
 

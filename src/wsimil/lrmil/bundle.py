@@ -178,9 +178,7 @@ class LRMILBundle:
         """Fold ``fold``'s LR path: 5× tiling, its distilled encoder, its student."""
         from wsimil.lrmil.stage1 import load_student
 
-        entry = next((e for e in self.meta["folds"] if int(e["fold"]) == fold), None)
-        if entry is None:
-            raise WsimilError(f"bundle {self.path} has no fold {fold}; folds: {self.folds}")
+        entry = self._entry(fold)
         if entry["encoder"] is None:  # stage 1 ablated: the teacher encoder at the LR input size
             from wsimil.lrmil.pipeline import undistilled_lr_encoder
 
@@ -199,11 +197,14 @@ class LRMILBundle:
         from wsimil.bundle import load_bundle
 
         if fold not in self._fold_bundles:
-            entry = next((e for e in self.meta["folds"] if int(e["fold"]) == fold), None)
-            if entry is None:
-                raise WsimilError(f"bundle {self.path} has no fold {fold}; folds: {self.folds}")
-            self._fold_bundles[fold] = load_bundle(self.path / entry["bundle"])
+            self._fold_bundles[fold] = load_bundle(self.path / self._entry(fold)["bundle"])
         return self._fold_bundles[fold]
+
+    def _entry(self, fold: int) -> dict:
+        entry = next((e for e in self.meta["folds"] if int(e["fold"]) == fold), None)
+        if entry is None:
+            raise WsimilError(f"bundle {self.path} has no fold {fold}; folds: {self.folds}")
+        return entry
 
 
 def load_lrmil_bundle(path: str | Path) -> LRMILBundle:
@@ -220,9 +221,6 @@ def load_lrmil_bundle(path: str | Path) -> LRMILBundle:
 
 
 def _fold_pipelines(b: LRMILBundle, device: str, folds: list[int] | None, **encode_kw) -> list[SlidePipeline]:
-    unknown = sorted(set(folds or []) - set(b.folds))
-    if unknown:
-        raise WsimilError(f"bundle {b.path} has no fold {', '.join(map(str, unknown))}; folds: {b.folds}")
     return [b.fold_pipeline(k, device, **encode_kw) for k in (folds or b.folds)]
 
 
@@ -282,26 +280,25 @@ def predict_to_folder(
     ``OUT/status.csv``) from 5× patches alone. Patches are read in memory (no tiling job is cached); a slide that fails
     is listed in the status table while the others go on. Returns the status table."""
     import time
-    import traceback
 
-    from wsimil.inference import _finish, _prediction_row, write_scores
+    from wsimil.inference import _finish, _prediction_row, failed_status, write_scores
     from wsimil.progress import console, track
 
     b = bundle if isinstance(bundle, LRMILBundle) else load_lrmil_bundle(bundle)
-    b.weights_override = encoder_weights
+    if encoder_weights is not None:
+        b.weights_override = encoder_weights
     out = Path(out)
     specs = collect_slides(slides)
     if mpp is not None:
         specs = [s if s.mpp is not None else SlideSpec(s.slide_id, s.path, mpp, s.extra) for s in specs]
     pipes = _fold_pipelines(b, device, folds, batch_size=batch_size)
-    ks = folds or b.folds
     console.print(
         f"Predicting with LRMIL ({len(pipes)} fold pipeline{'s' * (len(pipes) > 1)}: distilled "
         f"{b.meta['encoder']['name']} + student, {b.meta['tiling']['mag']:g}x {b.meta['tiling']['patch_size']}px; "
         f"nothing at high magnification is read) → {out}",
         soft_wrap=True,
     )
-    ref = b.fold_bundle(ks[0])
+    ref = b.fold_bundle(pipes[0].fold)
     rows, status = [], []
     for spec in track(specs, "LRMIL predict"):
         t0 = time.perf_counter()
@@ -313,18 +310,13 @@ def predict_to_folder(
                 "mag": float(b.meta["tiling"]["mag"]),
                 "mpp": spec.mpp,
                 "classes": json.dumps(b.classes),
-                "folds": json.dumps(list(ks)),
+                "folds": json.dumps([p.fold for p in pipes]),
             }
             write_scores(out / "scores" / f"{spec.slide_id}.h5", spec.slide_id, grid.coords, s, attrs)
             rows.append({**_prediction_row(spec.slide_id, s, ref), "n_patches": len(grid.coords)})
             status.append({"slide_id": spec.slide_id, "status": "ok", "stage": "", "error": ""})
-        except WsimilError as e:
-            status.append({"slide_id": spec.slide_id, "status": "failed", "stage": "predict", "error": str(e)})
         except Exception as e:  # noqa: BLE001 - one bad slide must not stop the batch
-            msg = traceback.format_exception_only(type(e), e)[-1].strip()
-            status.append(
-                {"slide_id": spec.slide_id, "status": "failed", "stage": "predict", "error": f"unexpected: {msg}"}
-            )
+            status.append(failed_status(spec.slide_id, e))
         status[-1]["seconds"] = round(time.perf_counter() - t0, 3)
     return _finish(out, rows, status, ref)
 

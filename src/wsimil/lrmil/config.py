@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from wsimil.errors import WsimilError
@@ -94,17 +93,9 @@ class LRMILConfig(_Strict):
 
 def load_lrmil_config(path: str | Path | None = None, **overrides: Any) -> LRMILConfig:
     """Defaults ← YAML ← overrides. Nested keys are dotted (``{"stage1.epochs": 3}``); ``None`` = not given."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise WsimilError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise WsimilError(f"config file {path} is not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise WsimilError(f"config file {path} must hold a mapping of option: value")
+    from wsimil.config import read_config_file
+
+    data = read_config_file(path)
     for key, value in overrides.items():
         if value is None:
             continue

@@ -76,17 +76,12 @@ def tile_in_memory(spec: SlideSpec, settings: TileSettings) -> PatchGrid:
     """The tissue patches of one slide at ``settings.mags[0]``, exactly as ``wsimil tile`` finds them (same
     thumbnail, tissue detection and grid), kept in memory: inference writes no patch file and no QC image (whose
     thumbnail would read a fine level of a small slide)."""
+    from wsimil.slide.job import find_grids
     from wsimil.slide.reader import open_slide
-    from wsimil.slide.tiling import nested_grids
-    from wsimil.slide.tissue import detect_tissue
 
     mpp = spec.mpp if spec.mpp is not None else settings.mpp
     with open_slide(spec.path, settings.reader, mpp=mpp, slide_id=spec.slide_id) as slide:
-        w0, h0 = slide.dimensions
-        max_side = int(np.ceil(max(w0, h0) * slide.mpp / settings.tissue.thumb_mpp))
-        thumb, ds = slide.thumbnail(max(64, max_side))
-        mask = detect_tissue(thumb, ds * slide.mpp, settings.tissue)
-        grids, _ = nested_grids((w0, h0), slide.mpp, settings.mags, settings.patch_size, mask, ds, settings.min_tissue)
+        grids = find_grids(slide, settings)[0]
         g = grids[float(settings.mags[0])]
         level = slide.best_level(g.target_mpp)
         return PatchGrid(

@@ -270,7 +270,7 @@ def run_lrmil(
         return {}
 
     # 6. timing and bundle -------------------------------------------------------------------------------------------
-    timing = time_run(cfg, j, teacher, splits[0], t_dir, out, encoders, st, device)
+    timing = time_run(cfg, j, teacher, splits[0], t_dir, out, encoders, s1_input, st, device)
     if done("timing"):
         return {}
     from wsimil.lrmil.bundle import save_bundle
@@ -390,7 +390,7 @@ def lr_input_size(cfg: LRMILConfig, j: LRMILJob, teacher: Encoder) -> int:
     return size
 
 
-def time_run(cfg, j, teacher, sp, t_dir, out, encoders, st, device) -> dict:
+def time_run(cfg, j, teacher, sp, t_dir, out, encoders, lr_input, st, device) -> dict:
     """Time both inference paths on up to ``cfg.timing_slides`` test slides of the first fold with that fold's
     models; cached in ``timing.json`` under a key of the models."""
     from wsimil.lrmil.infer import SlidePipeline, time_paths
@@ -415,7 +415,7 @@ def time_run(cfg, j, teacher, sp, t_dir, out, encoders, st, device) -> dict:
         model, ck = load_model(ckpt, device)
         return [(model, Standardizer.from_state(ck.get("standardizer")))]
 
-    lr_encoder = undistilled_lr_encoder(teacher, lr_input_size(cfg, j, teacher))
+    lr_encoder = undistilled_lr_encoder(teacher, lr_input)
     if encoders.get(k) is not None:
         lr_encoder, _ = load_student(encoders[k], teacher)
     hr_path = SlidePipeline(j.tile_settings([cfg.hr_mag]), teacher, members(t_ckpt), st)

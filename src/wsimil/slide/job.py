@@ -157,18 +157,24 @@ def outputs_valid(job: Path, slide_id: str, settings: TileSettings) -> bool:
     return True
 
 
+def find_grids(slide, settings: TileSettings):
+    """Tissue detection on the thumbnail and the nested patch grids of an open slide:
+    ``(grids, links, thumbnail, thumbnail downsample, tissue mask)``. One path for ``wsimil tile`` and in-memory
+    tiling, so both find exactly the same patches."""
+    w0, h0 = slide.dimensions
+    max_side = int(np.ceil(max(w0, h0) * slide.mpp / settings.tissue.thumb_mpp))
+    thumb, ds = slide.thumbnail(max(64, max_side))
+    mask = detect_tissue(thumb, ds * slide.mpp, settings.tissue)
+    grids, links = nested_grids((w0, h0), slide.mpp, settings.mags, settings.patch_size, mask, ds, settings.min_tissue)
+    return grids, links, thumb, ds, mask
+
+
 def tile_slide(spec: SlideSpec, job: Path, settings: TileSettings) -> dict:
     """Tile one slide; returns its status row. Raises :class:`WsimilError` for user-facing failures."""
     t0 = time.perf_counter()
     mpp = spec.mpp if spec.mpp is not None else settings.mpp
     with open_slide(spec.path, settings.reader, mpp=mpp, slide_id=spec.slide_id) as slide:
-        w0, h0 = slide.dimensions
-        max_side = int(np.ceil(max(w0, h0) * slide.mpp / settings.tissue.thumb_mpp))
-        thumb, ds = slide.thumbnail(max(64, max_side))
-        mask = detect_tissue(thumb, ds * slide.mpp, settings.tissue)
-        grids, links = nested_grids(
-            (w0, h0), slide.mpp, settings.mags, settings.patch_size, mask, ds, settings.min_tissue
-        )
+        grids, links, thumb, ds, mask = find_grids(slide, settings)
         if all(len(g.coords) == 0 for g in grids.values()):
             raise WsimilError(
                 f"slide {spec.slide_id!r}: no tissue found ({mask.mean():.1%} of the thumbnail passed "
@@ -208,8 +214,8 @@ def tile_slide(spec: SlideSpec, job: Path, settings: TileSettings) -> dict:
             "status": "ok",
             "error": "",
             "mpp": slide.mpp,
-            "width": w0,
-            "height": h0,
+            "width": slide.dimensions[0],
+            "height": slide.dimensions[1],
             "seconds": round(time.perf_counter() - t0, 3),
         }
         row.update({f"patches_{mag_name(m)}": len(g.coords) for m, g in grids.items()})
