@@ -47,7 +47,7 @@ def test_training_writes_a_loadable_bundle(digit_run):
     from wsimil.methods.trainer import load_model
 
     (m0, std0), _ = b.load_models()
-    ref, ck = load_model(run / "checkpoints" / "repeat0_fold0.pt")
+    ref, ck = load_model(run / "checkpoints" / "repeat0_fold0.safetensors")
     for k, v in ref.state_dict().items():
         assert torch.equal(m0.state_dict()[k], v)
     assert torch.equal(std0.mean, ck["standardizer"]["mean"])
@@ -98,7 +98,7 @@ def test_wrong_features_and_versions_fail_clearly(digit_run, tmp_path):
     newer = tmp_path / "newer"
     newer.mkdir()
     (newer / "bundle.json").write_text(json.dumps({**meta, "format_version": BUNDLE_FORMAT + 1}))
-    with pytest.raises(WsimilError, match="format version 2.*install a matching wsimil"):
+    with pytest.raises(WsimilError, match=f"format version {BUNDLE_FORMAT + 1}.*install a matching wsimil"):
         load_bundle(newer)
     with pytest.raises(WsimilError, match="not a wsimil model bundle"):
         load_bundle(tmp_path / "f")
@@ -110,9 +110,9 @@ def test_wrong_features_and_versions_fail_clearly(digit_run, tmp_path):
 def test_modified_member_is_refused(digit_run, tmp_path):
     run, _ = digit_run
     out = bundle_from_run(run, tmp_path / "b")
-    with open(out / "aggregators" / "repeat0_fold1.pt", "ab") as f:
+    with open(out / "aggregators" / "repeat0_fold1.safetensors", "ab") as f:
         f.write(b"x")
-    with pytest.raises(WsimilError, match="repeat0_fold1.pt does not match its recorded checksum"):
+    with pytest.raises(WsimilError, match="repeat0_fold1.safetensors does not match its recorded checksum"):
         load_bundle(out).load_models()
 
 

@@ -4,8 +4,11 @@ Layout (``wsimil train`` writes ``RUN/bundle/``)::
 
     bundle.json                         what the bundle holds (below); written last, so a bundle without it is
                                         incomplete
-    aggregators/repeat{r}_fold{k}.pt    one trainer checkpoint per member (the fold models); a prediction is the
-                                        mean of the members' class probabilities
+    aggregators/repeat{r}_fold{k}.safetensors
+                                        one trainer checkpoint per member (the fold models; safetensors with JSON
+                                        metadata, never unpickled); a prediction is the mean of the members' class
+                                        probabilities. Format 1 bundles (wsimil 0.1) hold ``.pt`` members, which are
+                                        read through PyTorch's restricted loader and refused if they hold code
     encoder/<file>                      optional: custom encoder weights copied into the bundle (e.g. LRMIL's
                                         distilled encoder); their SHA-256 is recorded and checked on use
 
@@ -41,10 +44,12 @@ import h5py
 import numpy as np
 
 from wsimil import __version__
+from wsimil.checkpoint import SUFFIX, fold_checkpoint, load_checkpoint, save_checkpoint
 from wsimil.errors import WsimilError
 
-#: bundle format written by this wsimil; bundles of a newer format are refused with an "upgrade wsimil" error
-BUNDLE_FORMAT = 1
+#: bundle format written by this wsimil; bundles of a newer format are refused with an "upgrade wsimil" error.
+#: 2: members are safetensors checkpoints (1: ``torch.save`` files, still read through the safe loader)
+BUNDLE_FORMAT = 2
 BUNDLE_FILE = "bundle.json"
 _RANDOM = re.compile(r"^random\(seed=(-?\d+)\)$")
 
@@ -358,11 +363,7 @@ def load_bundle(path: str | Path) -> Bundle:
 
     Fails with a clear error for a folder that is not a bundle, a bundle of a newer format than this wsimil reads,
     or an aggregator this wsimil does not know."""
-    p = Path(path)
-    if p.is_file() and p.name == BUNDLE_FILE:
-        p = p.parent
-    if not (p / BUNDLE_FILE).is_file() and (p / "bundle" / BUNDLE_FILE).is_file():
-        p = p / "bundle"
+    p = bundle_folder(path)
     meta_path = p / BUNDLE_FILE
     if not meta_path.is_file() and (p / "lrmil.json").is_file():
         raise WsimilError(
@@ -413,6 +414,87 @@ def load_bundle(path: str | Path) -> Bundle:
     )
 
 
+# ---------------------------------------------------------------------- pinning
+def bundle_digest(path: str | Path) -> str:
+    """SHA-256 of a bundle folder as a whole: of the ``sha256sum``-style list of every file in it (its SHA-256 and
+    path relative to the folder, sorted by path). It pins ``bundle.json`` and every member and copied encoder, so
+    a sender can publish one value and a receiver check it with ``wsimil predict --expect-sha256``."""
+    import hashlib
+
+    from wsimil.features.encoders import sha256_file
+
+    root = Path(path)
+    if not root.is_dir():
+        raise WsimilError(f"bundle {root} is not a folder")
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    lines = "".join(f"{sha256_file(p)}  {p.relative_to(root).as_posix()}\n" for p in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def bundle_folder(path: str | Path) -> Path:
+    """The folder a ``--model`` argument names: the bundle itself, the folder of a given ``bundle.json`` or
+    ``lrmil.json``, or ``RUN/bundle`` for a run folder."""
+    p = Path(path)
+    if p.is_file() and p.name in (BUNDLE_FILE, "lrmil.json"):
+        return p.parent
+    if not any((p / f).is_file() for f in (BUNDLE_FILE, "lrmil.json")) and (p / "bundle").is_dir():
+        return p / "bundle"
+    return p
+
+
+def verify_bundle_digest(path: str | Path, expected: str) -> str:
+    """Check the bundle at ``path`` against ``expected`` (a hex SHA-256, or a file whose first word is one, as
+    ``wsimil digest`` prints it); returns the digest or raises a one-line :class:`WsimilError`."""
+    want = expected.strip()
+    if Path(want).is_file():
+        words = Path(want).read_text().split()
+        want = words[0] if words else ""
+    want = want.lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", want):
+        raise WsimilError(f"--expect-sha256 {expected!r} is not a SHA-256 (64 hex digits) nor a file holding one")
+    folder = bundle_folder(path)
+    got = bundle_digest(folder)
+    if got != want:
+        raise WsimilError(
+            f"bundle {folder} has SHA-256 {got}, not the expected {want}: it is not the bundle you were given "
+            "(modified or another one); nothing was loaded"
+        )
+    return got
+
+
+def upgrade_bundle(src: str | Path, out: str | Path) -> Path:
+    """Rewrite a bundle (format 1: ``torch.save`` members) at ``out`` in the current format (safetensors members).
+    Members are read through :func:`wsimil.checkpoint.load_checkpoint`, so a member that holds code is refused,
+    and their recorded checksums are checked first."""
+    from wsimil.features.encoders import sha256_file
+    from wsimil.lrmil.bundle import is_lrmil_bundle
+
+    if is_lrmil_bundle(src):
+        raise WsimilError(
+            f"{src} is an LRMIL bundle: wsimil reads its format-1 files through the safe loader as they are; "
+            "re-run `wsimil lrmil` (finished steps are reused) to write the current format"
+        )
+    b = load_bundle(src)
+    files = []
+    for m in b.members:
+        p = b.path / m.file
+        if not p.is_file() or sha256_file(p) != m.sha256:
+            raise WsimilError(f"bundle {b.path}: {m.file} is missing or does not match its recorded checksum")
+        files.append(p)
+    encoder, copy = b.encoder, False
+    if encoder is not None and encoder.weights not in (None, "hub") and not Path(encoder.weights).is_absolute():
+        encoder, copy = EncoderRef(**{**asdict(encoder), "weights": str(b.path / encoder.weights)}), True
+    return write_bundle(
+        out,
+        files,
+        encoder=encoder,
+        tiling=b.tiling,
+        config=b.config,
+        copy_encoder_weights=copy,
+        slide_settings_missing=b.slide_settings_missing,
+    )
+
+
 # ---------------------------------------------------------------------- writing
 def write_bundle(
     out: str | Path,
@@ -431,8 +513,6 @@ def write_bundle(
     ``slide_settings_missing`` to tell users why). With ``copy_encoder_weights`` a weights file is copied into
     ``encoder/`` (recorded relative to the bundle, so the folder moves as one); otherwise its absolute path and
     checksum are recorded. The folder is replaced atomically: readers never see a half-written bundle."""
-    import torch
-
     from wsimil.features.encoders import sha256_file
 
     out = Path(out)
@@ -441,7 +521,7 @@ def write_bundle(
         raise WsimilError("a bundle needs at least one aggregator checkpoint")
     cks = []
     for c in checkpoints:
-        ck = torch.load(c, map_location="cpu", weights_only=False)
+        ck = load_checkpoint(c)
         if "state_dict" not in ck or "model" not in ck:
             raise WsimilError(f"{c} is not a wsimil trainer checkpoint (no model/state_dict)")
         cks.append(ck)
@@ -466,12 +546,10 @@ def write_bundle(
         members = []
         for i, ck in enumerate(cks):
             r, k = int(ck.get("repeat", 0)), int(ck.get("fold", i))
-            rel = f"aggregators/repeat{r}_fold{k}.pt"
+            rel = f"aggregators/repeat{r}_fold{k}{SUFFIX}"
             if any(m.file == rel for m in members):
-                rel = f"aggregators/member{len(members)}.pt"
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            slim = {key: v for key, v in ck.items() if key != "history"}
-            torch.save(slim, tmp / rel)
+                rel = f"aggregators/member{len(members)}{SUFFIX}"
+            save_checkpoint(tmp / rel, {key: v for key, v in ck.items() if key != "history"})
             members.append(Member(rel, r, k, sha256_file(tmp / rel)))
         if encoder is not None and encoder.weights not in (None, "hub"):
             encoder = _record_weights(encoder, tmp if copy_encoder_weights else None)
@@ -665,7 +743,7 @@ def bundle_from_run(run: str | Path, out: str | Path | None = None) -> Path:
         raise WsimilError(f"{run} is not a finished wsimil run (config.yaml and results.json are needed)")
     cfg = yaml.safe_load(cfg_path.read_text())
     res = json.loads(res_path.read_text())
-    ckpts = [run / "checkpoints" / f"repeat{f['repeat']}_fold{f['fold']}.pt" for f in res.get("folds", [])]
+    ckpts = [fold_checkpoint(run / "checkpoints", f["repeat"], f["fold"]) for f in res.get("folds", [])]
     missing = [str(c) for c in ckpts if not c.is_file()]
     if missing or not ckpts:
         raise WsimilError(f"run {run}: missing checkpoints {', '.join(missing) or '(no folds in results.json)'}")

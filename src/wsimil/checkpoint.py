@@ -48,11 +48,6 @@ def _numpy_globals() -> list[Any]:
     return out
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
 def safe_torch_load(path: str | Path, what: str = "file") -> Any:
     """``torch.load`` with ``weights_only=True`` (tensors, plain containers, numpy arrays only).
 
@@ -61,27 +56,39 @@ def safe_torch_load(path: str | Path, what: str = "file") -> Any:
     path = Path(path)
     if not path.is_file():
         raise WsimilError(f"{what} {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise WsimilError(f"{what} {path} is not a PyTorch file (neither a torch.save archive nor a pickle)")
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        msg = _first_line(e)
-        if "Weights only load failed" in msg or "Unsupported global" in str(e) or "unsupported" in msg.lower():
-            glob = _unsupported_global(str(e))
+        glob = _unsupported_global(str(e))
+        if glob:
             raise WsimilError(
-                f"refused to load {what} {path}: it holds Python objects other than tensors and plain data"
-                f"{f' ({glob})' if glob else ''}, and loading those could run code; only use files from sources "
-                "you trust, saved as safetensors or plain tensors"
+                f"refused to load {what} {path}: it holds Python objects other than tensors and plain data "
+                f"({glob}), and loading those could run code; only use files from sources you trust, saved as "
+                "safetensors or plain tensors"
             ) from None
-        raise WsimilError(f"{what} {path} is not a PyTorch file wsimil can read ({msg})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
-        raise WsimilError(f"{what} {path} is not a PyTorch file wsimil can read ({_first_line(e)})") from None
+        raise WsimilError(f"{what} {path} is not a PyTorch file wsimil can read ({_reason(e)})") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file; none is a user's bug
+        raise WsimilError(f"{what} {path} is not a PyTorch file wsimil can read ({_reason(e)})") from None
+
+
+def _reason(e: BaseException) -> str:
+    """The informative line of torch's long weights-only message (it starts with advice about weights_only)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith(("Unpickler error:", "PytorchStreamReader", "invalid load key", "unexpected EOF")):
+            return ln.rstrip(".")
+    return lines[0] if lines else type(e).__name__
 
 
 def _unsupported_global(text: str) -> str:
     for line in text.splitlines():
         line = line.strip()
-        if line.startswith("Unsupported global:") or "GLOBAL" in line:
+        if line.startswith("Unsupported global:") or "unsupported GLOBAL" in line:
             return line.rstrip(".")
     return ""
 
@@ -154,25 +161,52 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any
     if not path.is_file():
         raise WsimilError(f"{what} {path} does not exist")
     if not is_safetensors(path):
+        if path.suffix == SUFFIX:
+            raise WsimilError(f"refused to load {what} {path}: it is not a safetensors file (damaged, or replaced)")
         ck = safe_torch_load(path, what)
         if not isinstance(ck, dict):
             raise WsimilError(f"{what} {path} does not hold a wsimil checkpoint (found a {type(ck).__name__})")
         return ck
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
+    # read into memory (not memory-mapped): a file replaced while its tensors are in use must not fault
+    data = path.read_bytes()
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise WsimilError(f"{what} {path} is damaged or not a safetensors file ({_first_line(e)})") from None
+        n = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+        tensors = load(data)
+    except (SafetensorError, ValueError, AttributeError) as e:
+        raise WsimilError(f"{what} {path} is damaged or not a safetensors file ({_reason(e)})") from None
     if _META_KEY not in meta:
         raise WsimilError(f"{what} {path} is a safetensors file but not a wsimil checkpoint (no '{_META_KEY}' entry)")
     try:
         doc = json.loads(meta[_META_KEY])
         return _unflatten(doc["tree"], tensors)
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise WsimilError(f"{what} {path} has a damaged header ({_first_line(e)})") from None
+        raise WsimilError(f"{what} {path} has a damaged header ({_reason(e)})") from None
+
+
+# ---------------------------------------------------------------- where fold checkpoints live
+#: suffix of every checkpoint wsimil writes; ``.pt`` files are wsimil 0.1 checkpoints, still read (safely)
+SUFFIX = ".safetensors"
+LEGACY_SUFFIX = ".pt"
+
+
+def fold_checkpoint(folder: str | Path, repeat: int, fold: int) -> Path:
+    """The checkpoint of one fold in ``folder``: ``repeat{r}_fold{k}.safetensors``, or the wsimil 0.1
+    ``repeat{r}_fold{k}.pt`` when only that exists (read through :func:`load_checkpoint`'s safe path)."""
+    path = Path(folder) / f"repeat{int(repeat)}_fold{int(fold)}{SUFFIX}"
+    legacy = path.with_suffix(LEGACY_SUFFIX)
+    return legacy if not path.is_file() and legacy.is_file() else path
+
+
+def fold_checkpoints(folder: str | Path) -> list[Path]:
+    """Every fold checkpoint in ``folder`` (one per fold; the safetensors file wins over a legacy ``.pt``)."""
+    folder = Path(folder)
+    stems = sorted({p.stem for suffix in (SUFFIX, LEGACY_SUFFIX) for p in folder.glob(f"repeat*_fold*{suffix}")})
+    out = []
+    for stem in stems:
+        new = folder / f"{stem}{SUFFIX}"
+        out.append(new if new.is_file() else folder / f"{stem}{LEGACY_SUFFIX}")
+    return out

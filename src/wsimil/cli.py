@@ -21,6 +21,7 @@ convert_app = typer.Typer(no_args_is_help=True, help="Convert datasets from othe
 app.add_typer(convert_app, name="convert")
 
 
+EXPECT_HELP = "Refuse the bundle unless its SHA-256 (`wsimil digest BUNDLE`) is this value, or the one in this file."
 READER_HELP = "auto (tiffslide for SVS/TIFF: same pixels, ~4x faster; OpenSlide otherwise), openslide or tiffslide."
 
 
@@ -191,6 +192,35 @@ def convert_mil_csv(
         raise WsimilError(f"--instance-labels must be auto, yes or no, not {instance_labels!r}")
     m = convert(file, out, instance_labels)
     console.print(f"Wrote {out / 'features'} and {m}")
+
+
+@convert_app.command("bundle")
+@_user_errors
+def convert_bundle(
+    bundle: Annotated[Path, typer.Argument(help="A bundle written by wsimil 0.1 (format 1, .pt members).")],
+    out: Annotated[Path, typer.Option(help="Folder for the converted bundle (safetensors members).")],
+) -> None:
+    """Rewrite an old bundle's members as safetensors (read through the safe loader; code is refused)."""
+    from wsimil.bundle import bundle_digest, upgrade_bundle
+    from wsimil.progress import console
+
+    path = upgrade_bundle(bundle, out)
+    console.print(f"Wrote {path} (SHA-256 {bundle_digest(path)})", soft_wrap=True)
+
+
+@app.command()
+@_user_errors
+def digest(
+    bundle: Annotated[Path, typer.Argument(help="A model bundle folder (or a run folder with bundle/).")],
+) -> None:
+    """Print a bundle's SHA-256 (every file in it): share it with the bundle; receivers pass it to
+    `wsimil predict --expect-sha256`."""
+    from wsimil.bundle import bundle_digest, bundle_folder
+
+    folder = bundle_folder(bundle)
+    if not folder.is_dir():
+        raise WsimilError(f"{bundle} is not a folder")
+    typer.echo(f"{bundle_digest(folder)}  {folder}")
 
 
 @app.command()
@@ -371,6 +401,7 @@ def predict(
     fold: Annotated[
         list[int] | None, typer.Option(help="Fold model(s) of the ensemble to use (repeatable; default: all).")
     ] = None,
+    expect_sha256: Annotated[str | None, typer.Option(help=EXPECT_HELP)] = None,
 ) -> None:
     """Predict new slides with a model bundle: tile → encode → aggregate (cached tiles and features are reused).
 
@@ -385,7 +416,7 @@ def predict(
     if (slides is None) == (features is None):
         raise WsimilError("give exactly one of --slides (slide files) or --features (a feature folder)")
     if features is not None:
-        table = predict_features(model, features, out, device=device, folds=fold or None)
+        table = predict_features(model, features, out, device=device, folds=fold or None, expect_sha256=expect_sha256)
     else:
         table = predict_slides(
             model,
@@ -400,6 +431,7 @@ def predict(
             mpp=mpp,
             overwrite=overwrite,
             folds=fold or None,
+            expect_sha256=expect_sha256,
         )
     console.print(f"Predictions: {out / 'predictions.csv'}  per-patch scores: {out / 'scores'}", soft_wrap=True)
     _report_batch(table, "Predicted", out, out / "status.csv")
@@ -427,6 +459,7 @@ def heatmap(
     ] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ... (with --model/--run)")] = "auto",
     mpp: Annotated[float | None, typer.Option(help="Level-0 µm/px for slides whose metadata lacks it.")] = None,
+    expect_sha256: Annotated[str | None, typer.Option(help=EXPECT_HELP)] = None,
 ) -> None:
     """Draw attention / instance-score heatmaps over slide thumbnails, with tissue contours and the top-k patches.
 
@@ -444,7 +477,7 @@ def heatmap(
         if slides is None:
             raise WsimilError("--model needs --slides (the slides to predict and draw)")
         predictions = out / "predict"
-        table = predict_slides(model, slides, predictions, device=device, mpp=mpp)
+        table = predict_slides(model, slides, predictions, device=device, mpp=mpp, expect_sha256=expect_sha256)
         slides = None
     if run is not None:
         pngs, failed = heatmaps_for_run(run, out, map_name, slides, **kw)

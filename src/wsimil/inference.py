@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wsimil.bundle import Bundle, load_bundle
+from wsimil.bundle import Bundle, load_bundle, verify_bundle_digest
 from wsimil.errors import WsimilError
 from wsimil.io import atomic_path, write_csv
 from wsimil.progress import console
@@ -208,17 +208,21 @@ def predict_slides(
     mpp: float | None = None,
     overwrite: bool = False,
     folds: list[int] | None = None,
+    expect_sha256: str | None = None,
 ) -> pd.DataFrame:
     """Predict slides (a folder, a CSV with a ``path`` column, or one file) with a bundle; returns the per-slide
     status table (``status`` ok/failed with the ``stage`` that failed). See the module docstring for outputs.
     ``folds`` picks fold models of the ensemble (default: all). An LRMIL bundle (``wsimil lrmil``) runs its 5×-only
-    path (:func:`wsimil.lrmil.bundle.predict_to_folder`)."""
+    path (:func:`wsimil.lrmil.bundle.predict_to_folder`). ``expect_sha256`` pins the bundle
+    (:func:`wsimil.bundle.verify_bundle_digest`): nothing is loaded from a bundle that does not match."""
     from wsimil.config import resolve_device
     from wsimil.features.extract import features_dir, run_extraction
     from wsimil.features.store import FeatureStore
     from wsimil.lrmil.bundle import is_lrmil_bundle, predict_to_folder
     from wsimil.slide.job import run_tiling
 
+    if expect_sha256 is not None:
+        verify_bundle_digest(bundle.path if isinstance(bundle, Bundle) else bundle, expect_sha256)
     if not isinstance(bundle, Bundle) and is_lrmil_bundle(bundle):
         if backend != "local":
             raise WsimilError(f"an LRMIL bundle predicts with the local backend only, not {backend!r}")
@@ -294,14 +298,17 @@ def predict_features(
     out: str | Path,
     device: str = "auto",
     folds: list[int] | None = None,
+    expect_sha256: str | None = None,
 ) -> pd.DataFrame:
     """Predict every bag of a feature folder (any layout :class:`~wsimil.features.store.FeatureStore` reads) with a
     bundle; bags from another encoder than the bundle's are refused slide by slide. Outputs as
-    :func:`predict_slides` (without the job)."""
+    :func:`predict_slides` (without the job); ``expect_sha256`` as there."""
     from wsimil.config import resolve_device
     from wsimil.features.store import FeatureStore
     from wsimil.lrmil.bundle import is_lrmil_bundle
 
+    if expect_sha256 is not None:
+        verify_bundle_digest(bundle.path if isinstance(bundle, Bundle) else bundle, expect_sha256)
     if not isinstance(bundle, Bundle) and is_lrmil_bundle(bundle):
         raise WsimilError(
             f"{bundle} is an LRMIL bundle: each fold has its own distilled encoder, so it predicts from slides "

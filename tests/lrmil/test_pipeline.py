@@ -12,6 +12,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from wsimil.checkpoint import load_checkpoint
 from wsimil.cli import app
 
 CONFIG = {
@@ -113,7 +114,7 @@ def test_no_test_slide_reaches_its_own_fold(run):
     out = run["out"]
     for k, train, test in folds_of(out):
         assert not set(train) & set(test)
-        ck = torch.load(out / "stage1" / f"fold{k}" / "encoder.pt", map_location="cpu", weights_only=False)
+        ck = load_checkpoint(out / "stage1" / f"fold{k}" / "encoder.safetensors")
         assert sorted(ck["slides"]) == sorted(train)  # stage 1 saw only the fold's training slides
         for run_dir, fold in ((out / "teacher", k), (out / "student" / f"fold{k}", k)):
             res = json.loads((run_dir / "results.json").read_text())
@@ -127,11 +128,11 @@ def test_rerun_reuses_every_step(run):
     out = run["out"]
     files = [
         out / "features" / "hr" / "synth_0001.h5",
-        out / "teacher" / "checkpoints" / "repeat0_fold0.pt",
+        out / "teacher" / "checkpoints" / "repeat0_fold0.safetensors",
         out / "teacher" / "dump" / "fold1.h5",
-        out / "stage1" / "fold0" / "encoder.pt",
+        out / "stage1" / "fold0" / "encoder.safetensors",
         out / "features" / "lr_student_fold1" / "synth_0002.h5",
-        out / "student" / "fold1" / "checkpoints" / "repeat0_fold1.pt",
+        out / "student" / "fold1" / "checkpoints" / "repeat0_fold1.safetensors",
         out / "timing.json",
     ]
     before = [p.stat().st_mtime_ns for p in files]
@@ -149,7 +150,7 @@ def test_ablation_flags_reuse_the_shared_steps(run, tmp_path):
     hist = pd.read_csv(out / "student" / "history.csv")
     assert np.allclose(hist.train_loss, hist.train_ce)  # every other term has weight 0 (but is still logged)
     assert (hist.train_attn_kd > 0).any()
-    ck = torch.load(out / "student" / "fold0" / "checkpoints" / "repeat0_fold0.pt", weights_only=False)
+    ck = load_checkpoint(out / "student" / "fold0" / "checkpoints" / "repeat0_fold0.safetensors")
     assert "lr_teacher" in json.loads((out / "student" / "fold0" / "results.json").read_text())["config"]["features"]
     assert ck["method_kwargs"]["lambda_bag"] == 0.0
     assert res["metrics"]["teacher_hr"] == run["res"]["metrics"]["teacher_hr"]

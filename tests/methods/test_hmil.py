@@ -275,7 +275,7 @@ def test_run_training_on_hierarchical_digit_bags(tmp_path):
     } <= set(hist.columns)
     np.testing.assert_allclose(hist.query("fold == 0").train_beta, [1.0, 0.75])
     # the checkpoint carries the hierarchy, so load_model rebuilds the same two-level model
-    model, ck = load_model(tmp_path / "run" / "checkpoints" / "repeat0_fold0.pt")
+    model, ck = load_model(tmp_path / "run" / "checkpoints" / "repeat0_fold0.safetensors")
     assert ck["method_state"] == {"fine": ["d3", "d4", "d8", "d9"], "coarse": ["c38", "c49"], "parents": [0, 1, 0, 1]}
     assert isinstance(model, HMILNet) and model.n_coarse == 2
     pred = pd.read_csv(tmp_path / "run" / "predictions.csv")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from typer.testing import CliRunner
 
+from wsimil.checkpoint import load_checkpoint, save_checkpoint
 from wsimil.cli import app
 from wsimil.config import load_config
 from wsimil.errors import WsimilError
@@ -396,12 +397,12 @@ def test_runs_through_the_trainer(digit_cohort, tmp_path, model, method, batch_s
     )
     res = run_training(cfg, feats, manifest, tmp_path / "run")
     assert res["metrics"]["auc"]["mean"] is not None
-    assert len(list((tmp_path / "run" / "baseline" / "checkpoints").glob("*.pt"))) == 2
+    assert len(list((tmp_path / "run" / "baseline" / "checkpoints").glob("*.safetensors"))) == 2
     hist = pd.read_csv(tmp_path / "run" / "history.csv")
     cols = {"train_loss", "train_ce", "train_con", "train_masked", "train_high_ratio", "train_momentum"}
     assert cols <= set(hist.columns) and len(hist) == 4
     assert ("train_recycled" in hist.columns) == (method == "mhim_v2")
-    ck = torch.load(tmp_path / "run" / "checkpoints" / "repeat0_fold0.pt", weights_only=False)
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "repeat0_fold0.safetensors")
     assert set(ck["state_dict"]) == set(create_model(model, 64, 2, **kw).state_dict())  # the student only
     assert len(pd.read_csv(tmp_path / "run" / "predictions.csv")) == 60
 
@@ -442,7 +443,7 @@ def test_teacher_init_from_a_previous_run(digit_cohort, tmp_path):
     ctx = trainer._context(split, None)
     student = trainer.method.build(64, 2)
     trainer.method.setup(student, ctx)
-    ck = torch.load(tmp_path / "base" / "checkpoints" / "repeat0_fold1.pt", weights_only=False)
+    ck = load_checkpoint(tmp_path / "base" / "checkpoints" / "repeat0_fold1.safetensors")
     for k, v in trainer.method.teacher.state_dict().items():
         torch.testing.assert_close(v, ck["state_dict"][k])
     torch.testing.assert_close(student.proj[0].weight, ck["state_dict"]["proj.0.weight"])
@@ -451,7 +452,7 @@ def test_teacher_init_from_a_previous_run(digit_cohort, tmp_path):
     bad.mkdir(parents=True)
     wrong = {**ck, "model": "dsmil", "classes": ["a", "b"]}
     wrong["standardizer"] = {k: v + 1 for k, v in ck["standardizer"].items()}
-    torch.save(wrong, bad / "repeat0_fold1.pt")
+    save_checkpoint(bad / "repeat0_fold1.safetensors", wrong)
     trainer.method.opts["teacher_init"] = str(tmp_path / "bad")
     with pytest.raises(WsimilError) as e:
         trainer.method.setup(student, ctx)

@@ -40,7 +40,7 @@ def test_train_writes_the_run_contract(digit_cohort, tmp_path):
     assert ((pred.prob_0 + pred.prob_1 - 1).abs() < 1e-5).all()
     hist = pd.read_csv(run / "history.csv")
     assert {"train_loss", "train_bag", "val_loss", "val_auc"} <= set(hist.columns)
-    assert len(sorted((run / "checkpoints").glob("*.pt"))) == 3
+    assert len(sorted((run / "checkpoints").glob("*.safetensors"))) == 3
 
 
 def test_same_seed_same_results_and_resume(digit_cohort, tmp_path):
@@ -50,7 +50,7 @@ def test_same_seed_same_results_and_resume(digit_cohort, tmp_path):
     a = run_training(cfg, feats, manifest, tmp_path / "a")
     b = run_training(cfg, feats, manifest, tmp_path / "b")
     assert a["folds"] == b["folds"]
-    ck = tmp_path / "a" / "checkpoints" / "repeat0_fold0.pt"
+    ck = tmp_path / "a" / "checkpoints" / "repeat0_fold0.safetensors"
     mtime = ck.stat().st_mtime_ns
     again = run_training(cfg, feats, manifest, tmp_path / "a")  # resume: reuses every fold
     assert ck.stat().st_mtime_ns == mtime and again["folds"] == a["folds"]
@@ -85,7 +85,7 @@ def test_standardizer_fits_training_fold_only(digit_cohort, tmp_path):
     store, man = FeatureStore(feats), read_manifest(manifest)
     test_ids = set(pd.read_csv(tmp_path / "run" / "predictions.csv").query("fold == 0").slide_id)
     train_x = torch.cat([torch.from_numpy(store.read(s).features) for s in man.slide_ids if s not in test_ids])
-    _, ck = load_model(tmp_path / "run" / "checkpoints" / "repeat0_fold0.pt")
+    _, ck = load_model(tmp_path / "run" / "checkpoints" / "repeat0_fold0.safetensors")
     torch.testing.assert_close(ck["standardizer"]["mean"], train_x.mean(0))
     assert res["folds"][0]["n_val"] == 0
 
@@ -200,7 +200,7 @@ def test_method_interface_extra_heads_options_and_baseline_fold(digit_cohort, tm
     cfg = load_config(method="_test_heads", method_kwargs={"scale": 2.0}, **{**FAST, "folds": 2, "epochs": 2})
     res = run_training(cfg, feats, manifest, tmp_path / "run")
     assert set(seen) == {0, 1} and seen[0][1] == "ABMIL"
-    assert len(list((tmp_path / "run" / "baseline" / "checkpoints").glob("*.pt"))) == 2
+    assert len(list((tmp_path / "run" / "baseline" / "checkpoints").glob("*.safetensors"))) == 2
     # the flipped head ranks every slide in reverse: its AUC is 1 − the main AUC, fold by fold
     for f in res["folds"]:
         assert f["metrics_flipped"]["auc"] == pytest.approx(1 - f["metrics"]["auc"])

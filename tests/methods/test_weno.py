@@ -195,7 +195,7 @@ def test_weno_run_reports_student_instance_auc_and_teacher_metrics(digit_cohort,
         hist.columns
     )
     assert (hist.query("epoch == 0").train_mined == 0).all()
-    model, ck = load_model(tmp_path / "run" / "checkpoints" / "repeat0_fold0.pt")
+    model, ck = load_model(tmp_path / "run" / "checkpoints" / "repeat0_fold0.safetensors")
     assert isinstance(model, WENONet) and ck["method"] == "weno"
     assert res["config"]["optimizer"] == "sgd"
 

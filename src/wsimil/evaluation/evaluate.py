@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from wsimil.checkpoint import fold_checkpoints
 from wsimil.config import resolve_device
 from wsimil.data.batching import BagTensors, Standardizer
 from wsimil.data.manifest import load_cohort, read_manifest
@@ -36,7 +37,7 @@ def evaluate_run(
     if not cfg_path.is_file():
         raise WsimilError(f"{run} is not a wsimil run: {cfg_path} is missing")
     cfg = yaml.safe_load(cfg_path.read_text())
-    ckpts = sorted((run / "checkpoints").glob("repeat*_fold*.pt"))
+    ckpts = fold_checkpoints(run / "checkpoints")
     if not ckpts:
         raise WsimilError(f"run {run} has no checkpoints in {run / 'checkpoints'}")
     classes = cfg["classes"]

@@ -4,8 +4,10 @@ Layout::
 
     lrmil.json                 what the bundle holds (written last: a folder without it is incomplete)
     fold{k}/                   a wsimil model bundle (:mod:`wsimil.bundle`) holding fold k's student checkpoint
-    fold{k}/lrmil_encoder.pt   fold k's distilled encoder (absent when stage 1 was ablated: the LR encoder is then
-                               the registry encoder itself, as recorded in lrmil.json)
+    fold{k}/lrmil_encoder.safetensors
+                               fold k's distilled encoder (absent when stage 1 was ablated: the LR encoder is then
+                               the registry encoder itself, as recorded in lrmil.json); bundles of format 1 hold
+                               ``lrmil_encoder.pt``, read through the safe loader
 
 ``lrmil.json``: format name and version, wsimil version, class names, the encoder (registry name for the
 architecture, the student input size, the teacher weights' description, seed), the LR tiling (magnification, patch
@@ -38,7 +40,7 @@ from wsimil.lrmil.infer import SlidePipeline
 from wsimil.slide.job import SlideSpec, TileSettings, collect_slides
 
 FORMAT = "wsimil-lrmil-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: distilled encoders and students are safetensors (1: torch.save files)
 META = "lrmil.json"
 
 
@@ -78,12 +80,12 @@ def save_bundle(
             tiling=None,
             config=config,
             slide_settings_missing=f"an LRMIL student: score slides with `wsimil predict --model {out}` "
-            f"(fold {k}'s distilled encoder is in {d.name}/lrmil_encoder.pt)",
+            f"(fold {k}'s distilled encoder is in {d.name}/lrmil_encoder.safetensors)",
         )
         rel = None
         sha = None
         if enc_file is not None:
-            rel = f"fold{k}/lrmil_encoder.pt"
+            rel = f"fold{k}/lrmil_encoder.safetensors"
             shutil.copyfile(enc_file, out / rel)
             sha = sha256_file(out / rel)
         entries.append(FoldEntry(k, f"fold{k}", rel, sha))

@@ -6,7 +6,7 @@
 2. HR teacher ABMIL per fold (the shared trainer, CE, selected on validation AUC) → ``teacher/``; its logits and
    raw/softmax attention for every slide → ``teacher/dump/fold{k}.h5``.
    LR baseline: ``E_T`` features at 5× → ``features/lr_teacher/``; plain ABMIL per fold → ``baseline_lr/``.
-3. Stage 1 per fold: distil ``E_S`` from ``E_T`` on the fold's training slides → ``stage1/fold{k}/encoder.pt``.
+3. Stage 1 per fold: distil ``E_S`` from ``E_T`` on the fold's training slides → ``stage1/fold{k}/encoder.safetensors``.
 4. LR features with fold k's ``E_S`` for every slide → ``features/lr_student_fold{k}/``.
 5. Stage 2 per fold: student ABMIL (``method: lrmil``) → ``student/fold{k}/``, merged in ``student/``.
 6. Timing of both inference paths on the same slides → ``timing.json``; the LR pipeline → ``bundle/``.
@@ -39,9 +39,9 @@ import warnings
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from wsimil import __version__
+from wsimil.checkpoint import SUFFIX, fold_checkpoint, load_checkpoint
 from wsimil.config import TrainConfig, resolve_device
 from wsimil.data.batching import Standardizer
 from wsimil.data.manifest import read_manifest
@@ -207,9 +207,9 @@ def run_lrmil(
     res_teacher = run_training(train_config(cfg.teacher, cfg, man.classes, splits_all), hr_dir, manifest, t_dir)
     dumps = {}
     for sp in splits:
-        ckpt = t_dir / "checkpoints" / f"repeat0_fold{sp.fold}.pt"
+        ckpt = fold_checkpoint(t_dir / "checkpoints", 0, sp.fold)
         dumps[sp.fold] = path = t_dir / "dump" / f"fold{sp.fold}.h5"
-        ck_hash = torch.load(ckpt, map_location="cpu", weights_only=False)["config_hash"]
+        ck_hash = load_checkpoint(ckpt)["config_hash"]
         if dump_hash(path) != ck_hash:
             dump_teacher(ckpt, hr_dir, ids, path, device)
     if done("teacher"):
@@ -280,7 +280,7 @@ def run_lrmil(
         [
             (
                 sp.fold,
-                out / "student" / f"fold{sp.fold}" / "checkpoints" / f"repeat0_fold{sp.fold}.pt",
+                fold_checkpoint(out / "student" / f"fold{sp.fold}" / "checkpoints", 0, sp.fold),
                 encoders.get(sp.fold),
             )
             for sp in splits
@@ -328,8 +328,8 @@ def stage1_fold(cfg, j, teacher, sp, layers, s1_input, hr_dir, dump, out, hr_key
 
     s1 = cfg.stage1
     key = key_of(hr_key, d_hash, s1.model_dump(), list(layers), s1_input, sp.train, cfg.seed)
-    path = out / "stage1" / f"fold{sp.fold}" / "encoder.pt"
-    have = torch.load(path, map_location="cpu", weights_only=False).get("key") if path.is_file() else None
+    path = out / "stage1" / f"fold{sp.fold}" / f"encoder{SUFFIX}"
+    have = load_checkpoint(path).get("key") if path.is_file() else None
     if have != key:
         console.print(f"3/6 stage 1, fold {sp.fold}: distilling on {len(sp.train)} training slides")
         data = Stage1Patches(j, sp.train, hr_dir, dump, layers, reader)
@@ -399,8 +399,8 @@ def time_run(cfg, j, teacher, sp, t_dir, out, encoders, lr_input, st, device) ->
 
     slides = sp.test[: cfg.timing_slides]
     k = sp.fold
-    t_ckpt = t_dir / "checkpoints" / f"repeat0_fold{k}.pt"
-    s_ckpt = out / "student" / f"fold{k}" / "checkpoints" / f"repeat0_fold{k}.pt"
+    t_ckpt = fold_checkpoint(t_dir / "checkpoints", 0, k)
+    s_ckpt = fold_checkpoint(out / "student" / f"fold{k}" / "checkpoints", 0, k)
     key = key_of(slides, [p.stat().st_mtime_ns for p in (t_ckpt, s_ckpt)], encoders.get(k) and str(encoders[k]),
                  device, st.batch_size, st.precision)  # fmt: skip
     path = out / "timing.json"

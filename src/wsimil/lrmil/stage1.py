@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from wsimil.checkpoint import load_checkpoint, save_checkpoint
 from wsimil.features.encoders import Encoder
 from wsimil.features.patches import read_block
-from wsimil.io import atomic_path
 from wsimil.lrmil.job import LRMILJob
 from wsimil.lrmil.losses import attention_feature_loss, layer_distill_loss, pool_children
 from wsimil.lrmil.taps import block_widths, forward_taps, freeze, make_student
@@ -244,14 +244,13 @@ def save_student(path: Path, student: Encoder, adapters: nn.ModuleDict, meta: di
         "adapters": {k: v.cpu() for k, v in adapters.state_dict().items()},
         **meta,
     }
-    with atomic_path(path) as tmp:
-        torch.save(ck, tmp)
+    save_checkpoint(path, ck)
 
 
 def load_student(path: Path, teacher: Encoder) -> tuple[Encoder, dict]:
     """Rebuild a distilled encoder saved by :func:`save_student` on the architecture of ``teacher`` (the teacher's
     own weights are not needed: every weight comes from the file). Returns ``(student in eval mode, checkpoint)``."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = load_checkpoint(path, "distilled encoder")
     student = make_student(teacher, int(ck["input_size"]))
     student.model.load_state_dict(ck["state_dict"])
     freeze(student.model)

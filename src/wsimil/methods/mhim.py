@@ -46,6 +46,7 @@ the official repository's settings (see their docstrings). Decisions where SPEC 
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wsimil.checkpoint import fold_checkpoint, load_checkpoint
 from wsimil.errors import WsimilError, problems_error
 from wsimil.methods.base import Batch, TrainingMethod, register_method
 from wsimil.models import MILModel
@@ -434,10 +436,11 @@ def _scalar(v: float) -> Tensor:
 
 
 def load_teacher(run: Path, model: MILModel, ctx: FoldContext) -> MILModel:
-    """The teacher of this fold from ``RUN/checkpoints/repeat{r}_fold{k}.pt``, checked against this run: same model,
-    model options, feature width, classes and task, and the same training fold (its standardiser statistics)."""
+    """The teacher of this fold from ``RUN/checkpoints/repeat{r}_fold{k}.safetensors``, checked against this run:
+    same model, model options, feature width, classes and task, and the same training fold (its standardiser
+    statistics)."""
     split = ctx.split
-    path = run / "checkpoints" / f"repeat{split.repeat}_fold{split.fold}.pt"
+    path = fold_checkpoint(run / "checkpoints", split.repeat, split.fold)
     if not run.is_dir():
         raise WsimilError(f"teacher_init {run} is not a folder (expected a run folder written by `wsimil train`)")
     if not path.is_file():
@@ -445,11 +448,11 @@ def load_teacher(run: Path, model: MILModel, ctx: FoldContext) -> MILModel:
             f"teacher_init {run} has no checkpoint for repeat {split.repeat} fold {split.fold} ({path}); train the "
             "baseline with the same folds, repeats, seed and validation fraction as this run"
         )
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = load_checkpoint(path, "teacher_init checkpoint")
     cfg, t = ctx.cfg, ctx.trainer
     want = {
         "model": cfg.model,
-        "model_kwargs": cfg.model_kwargs,
+        "model_kwargs": json.loads(json.dumps(cfg.model_kwargs)),  # as stored: tuples are lists
         "in_dim": t.cohort.in_dim,
         "classes": list(t.classes),
         "task": cfg.task,

@@ -4,7 +4,8 @@ checkpoints, ``history.csv``, ``predictions.csv`` and ``results.json``.
 Outputs of ``run_training(cfg, features, manifest, out)``:
 
 - ``config.yaml``: the resolved configuration (plus data paths, classes, feature width, version);
-- ``checkpoints/repeat{r}_fold{k}.pt``: per-fold weights (a re-run with the same config reuses them);
+- ``checkpoints/repeat{r}_fold{k}.safetensors``: per-fold weights and metadata, no pickle (a re-run with the
+  same config reuses them);
 - ``history.csv``: per fold and epoch, every loss term, validation loss and AUC;
 - ``predictions.csv``: ``slide_id,repeat,fold,label,prob_<class>…`` for every test slide;
 - ``results.json``: ``{"metrics": {m: {mean, std}}, "folds": [{repeat, fold, metrics, ci}], "config": {…}}``.
@@ -27,6 +28,7 @@ import pandas as pd
 import torch
 
 from wsimil import __version__
+from wsimil.checkpoint import SUFFIX, fold_checkpoint, load_checkpoint, save_checkpoint
 from wsimil.config import TrainConfig, resolve_device
 from wsimil.data.batching import BagTensors, Standardizer, epoch_order, pad_batch
 from wsimil.data.manifest import Cohort, Manifest, load_cohort, read_manifest
@@ -41,7 +43,7 @@ from wsimil.evaluation.metrics import (
 )
 from wsimil.evaluation.predict import predict
 from wsimil.features.store import FeatureStore
-from wsimil.io import atomic_path, write_csv, write_json, write_yaml
+from wsimil.io import write_csv, write_json, write_yaml
 from wsimil.methods.base import Batch, create_method
 from wsimil.models import MILModel
 from wsimil.progress import console, make_progress
@@ -168,7 +170,7 @@ class Trainer:
     def train_fold(self, split: Split, progress, label: str = "") -> tuple[MILModel, Standardizer | None, list[dict]]:
         """Train on ``split`` (or load its checkpoint when the config hash matches); return the best model."""
         cfg = self.cfg
-        ckpt_path = self.out / "checkpoints" / f"repeat{split.repeat}_fold{split.fold}.pt"
+        ckpt_path = fold_checkpoint(self.out / "checkpoints", split.repeat, split.fold)
         ctx = self._context(split, progress)
         torch.manual_seed(ctx.seed)
         model = self.method.build(self.cohort.in_dim, self.n_classes).to(self.device)
@@ -176,7 +178,7 @@ class Trainer:
         task = progress.add_task(f"{label}repeat {split.repeat} fold {split.fold}", total=cfg.epochs, info="")
         try:
             if ckpt_path.is_file():
-                ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+                ck = load_checkpoint(ckpt_path)
                 if ck.get("config_hash") == self.hash:
                     model.load_state_dict(ck["state_dict"])
                     return model, Standardizer.from_state(ck.get("standardizer")), ck.get("history", [])
@@ -312,8 +314,10 @@ class Trainer:
             "history": history,
             "wsimil_version": __version__,
         }
-        with atomic_path(path) as tmp:
-            torch.save(ck, tmp)
+        new = path.with_suffix(SUFFIX)
+        save_checkpoint(new, ck)
+        if path != new:  # a wsimil 0.1 checkpoint of this fold was retrained: keep one file per fold
+            path.unlink(missing_ok=True)
 
 
 def _optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -337,8 +341,9 @@ def _info(row: dict) -> str:
 
 
 def load_model(ckpt_path: str | Path, device: str = "cpu") -> tuple[MILModel, dict]:
-    """Rebuild a fold's model from its checkpoint; returns ``(model, checkpoint dict)``."""
-    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    """Rebuild a fold's model from its checkpoint; returns ``(model, checkpoint dict)``. The file is read without
+    unpickling (:func:`wsimil.checkpoint.load_checkpoint`)."""
+    ck = load_checkpoint(ckpt_path)
     cfg = TrainConfig(
         model=ck["model"],
         model_kwargs=ck.get("model_kwargs", {}),
