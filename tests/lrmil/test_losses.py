@@ -14,6 +14,9 @@ from wsimil.lrmil.losses import (
     attention_weights,
     bag_kd_loss,
     children_attention,
+    instance_count,
+    instance_loss,
+    instance_targets,
     layer_distill_loss,
     pool_children,
     topk_instance_loss,
@@ -109,3 +112,67 @@ def test_topk_instance_loss_by_hand():
     # stable ranking: instance 0 is the positive, instance 1 the negative (not instance 0 twice: -log .75 - log .25)
     want = (-math.log(0.75) - math.log(0.5)) / 2
     assert topk_instance_loss(zt, gt, torch.ones(1, 2, dtype=torch.bool), 4).item() == pytest.approx(want, rel=1e-5)
+
+
+def _ids(t: torch.Tensor) -> list[int]:
+    return t.tolist()
+
+
+def test_instance_targets_fit_a_5_patch_bag():
+    # softmax(g) = [.563, .207, .126, .028, .076] (by hand: e^2, 1, e, e^-1, e^0.5 over their sum 13.12): the top
+    # instance alone holds half the mass -> k = 1 (cap max(1, floor(0.1*5)) = 1); ranking 0, 2, 4, 1, 3
+    g = torch.tensor([2.0, 0.0, 1.0, -1.0, 0.5])
+    assert instance_count(g) == 1
+    pos, neg = instance_targets(g, positive=True)
+    assert _ids(pos) == [0] and _ids(neg) == [3]
+    pos, neg = instance_targets(g, positive=False)  # a negative bag: no tumour; its hard negative is labelled 0
+    assert _ids(pos) == [] and _ids(neg) == [0]
+    pos, neg = instance_targets(g, positive=False, mode="fixed", positive_only=False, k=4)  # the paper: k = 2
+    assert _ids(pos) == [0, 2] and _ids(neg) == [1, 3]
+
+
+def test_instance_targets_fit_a_50_patch_bag():
+    # three tumour-like patches (g = 5) among 47 (g = 0): each holds e^5 / (3 e^5 + 47) = 0.3015 of the mass, so
+    # two reach half of it -> k = 2 (cap floor(0.1*50) = 5); the bottom of the stable ranking is 48, 49
+    g = torch.zeros(50)
+    g[[10, 20, 30]] = 5.0
+    assert instance_count(g) == 2
+    pos, neg = instance_targets(g, positive=True)
+    assert _ids(pos) == [10, 20] and _ids(neg) == [48, 49]
+    pos, neg = instance_targets(g, positive=False)
+    assert _ids(pos) == [] and _ids(neg) == [10, 20]
+    # the paper's k = 4 would call 4 patches tumour where the teacher points at 3
+    assert len(instance_targets(g, True, "fixed", False, k=4)[0]) == 4
+
+
+def test_instance_targets_fit_a_500_patch_bag():
+    # a macro-metastasis: 100 patches at g = 3, 400 at 0; each tumour patch holds e^3 / (100 e^3 + 400) = 0.00834,
+    # so 60 reach half the mass, capped at floor(0.1*500) = 50; bottom 50 of the ranking = 450..499
+    g = torch.zeros(500)
+    g[:100] = 3.0
+    assert instance_count(g) == 50 and instance_count(g, max_frac=0.2) == 60
+    pos, neg = instance_targets(g, positive=True)
+    assert _ids(pos) == list(range(50)) and _ids(neg) == list(range(450, 500))
+    pos, neg = instance_targets(g, positive=False)
+    assert _ids(pos) == [] and _ids(neg) == list(range(50))
+    assert instance_count(g, mode="fraction") == 10  # round(0.02*500)
+    assert instance_count(torch.zeros(1)) == 0 and instance_count(torch.zeros(2), mode="fraction") == 1
+    with pytest.raises(ValueError, match="mode"):
+        instance_count(g, mode="nope")
+
+
+def test_instance_loss_by_hand():
+    # bag 0 positive (5 instances, k = 1: instance 0 -> 1, instance 3 -> 0), bag 1 negative (4 real instances,
+    # k = 1: its top instance 1 -> 0), bag 2 without guidance (use = False)
+    g = torch.tensor([[2.0, 0.0, 1.0, -1.0, 0.5], [0.0, 3.0, 1.0, 0.0, 9.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    mask = torch.tensor([[True] * 5, [True] * 4 + [False], [True] * 5])
+    z = torch.zeros(3, 5, 2)
+    z[0, 0] = torch.tensor([0.0, math.log(3.0)])  # p(1) = 0.75
+    z[0, 3] = torch.tensor([math.log(3.0), 0.0])  # p(0) = 0.75
+    z[1, 1] = torch.tensor([0.0, math.log(3.0)])  # p(0) = 0.25: a confident false positive in a negative bag
+    z[1, 4] = torch.tensor([-100.0, 100.0])  # padding with the largest g: never picked
+    use = torch.tensor([True, True, False])
+    positive = torch.tensor([True, False, True])
+    want = (-math.log(0.75) + -math.log(0.25)) / 2  # bag 0: mean of two CEs of .75 each; bag 1: -log .25
+    assert instance_loss(z, g, mask, positive, use).item() == pytest.approx(want, rel=1e-5)
+    assert instance_loss(z, g, mask, positive, torch.zeros(3, dtype=torch.bool)).item() == 0.0

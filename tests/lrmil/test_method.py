@@ -52,8 +52,8 @@ def side_data(tmp_path):
 
 def test_losses_of_a_padded_batch_match_the_pure_functions(side_data):
     dump, links, e, lk = side_data
-    cfg = TrainConfig(method="lrmil", method_kwargs={"teacher_dump": str(dump), "links_dir": str(links), "topk": 1})
-    method = create_method(cfg)
+    opts = {"teacher_dump": str(dump), "links_dir": str(links), "topk": 1, "instance_targets": "paper"}
+    method = create_method(TrainConfig(method="lrmil", method_kwargs=opts))
     method._ids = ["a", "b"]
     torch.manual_seed(0)
     model = method.build(4, 2)
@@ -74,6 +74,16 @@ def test_losses_of_a_padded_batch_match_the_pure_functions(side_data):
     ce = torch.nn.functional.cross_entropy(out.logits, batch.y)
     expected = ce + terms["bag_kd"] + terms["attn_kd"] + terms["instance"]
     assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    # the default targets fit the bag: bag a (label 1) -> its top instance 1 is tumour, instance 2 is not; bag b
+    # (label 0) -> its top instance 0 is a hard negative, and nothing in it is called tumour
+    fit = create_method(TrainConfig(method="lrmil", method_kwargs={"teacher_dump": str(dump), "links_dir": str(links)}))
+    fit._ids = ["a", "b"]
+    z = out.instance_logits
+    want = (
+        torch.nn.functional.cross_entropy(z[0, [1, 2]], torch.tensor([1, 0]))
+        + torch.nn.functional.cross_entropy(z[1, [0]], torch.tensor([0]))
+    ) / 2
+    assert fit.losses(model, out, batch, 0)["instance"].item() == pytest.approx(want.item(), rel=1e-6)
 
 
 def test_subsampled_bag_uses_the_kept_rows(side_data):

@@ -6,9 +6,13 @@ Per bag (SPEC §1 stage 2)::
     g_r = mean_{j ∈ children(r)} e^T_j            (option max; 0 when r has no HR child)
     L = λ_ce CE(y_S, Y) + λ_bag T_b² KL(softmax(y_T/T_b) ‖ softmax(y_S/T_b))
       + λ_soft T_a² KL(softmax_N(g/T_a) ‖ softmax_N(e_S/T_a))
-      + λ_hard CE(inst([h_topk(g); h_bottomk(g)]), [1…, 0…]),   k = min(4, ⌊N_lr/2⌋)
+      + λ_hard CE(inst(pseudo-labelled instances), targets)
 
-``y_T``, ``e^T`` come from the fold teacher's dump (:mod:`wsimil.lrmil.teacher`); the links from the tiling job.
+The pseudo-labelled instances fit the bag (:func:`wsimil.lrmil.losses.instance_targets`): in positive bags the
+top-guidance instances holding half the teacher's attention mass (at most 10% of the bag) → 1 and as many from
+the bottom → 0; in negative bags the top-guidance instances → 0. ``instance_targets: paper`` gives SPEC's rule
+(top 4 → 1, bottom 4 → 0 in every bag). ``y_T``, ``e^T`` come from the fold teacher's dump
+(:mod:`wsimil.lrmil.teacher`); the links from the tiling job.
 Defaults **[SPEC decision]**: all λ = 1, T = 1, Adam lr 1e-4, early stopping on validation (SPEC: AUC; ``wsimil
 lrmil`` monitors the validation loss by default, see :mod:`wsimil.lrmil.config`).
 
@@ -29,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from wsimil.errors import WsimilError
-from wsimil.lrmil.losses import attention_kd_loss, bag_kd_loss, children_attention, topk_instance_loss
+from wsimil.lrmil.losses import attention_kd_loss, bag_kd_loss, children_attention, instance_loss
 from wsimil.lrmil.teacher import read_dump
 from wsimil.methods.base import Batch, TrainingMethod, register_method
 from wsimil.models import MILModel, MILOutput
@@ -76,7 +80,11 @@ class LRMILStudent(TrainingMethod):
         "lambda_hard": 1.0,
         "t_bag": 1.0,
         "t_attn": 1.0,
-        "topk": 4,
+        "instance_targets": "mass",  # mass | fraction | fixed | paper (see wsimil.lrmil.losses)
+        "topk": 4,  # k of fixed / paper
+        "instance_mass": 0.5,
+        "instance_frac": 0.02,
+        "instance_max_frac": 0.1,
         "teacher_agg": "mean",
     }
     config_defaults = {"lr": 1e-4}
@@ -90,6 +98,13 @@ class LRMILStudent(TrainingMethod):
             raise WsimilError(f"lrmil option teacher_agg must be 'mean' or 'max', not {o['teacher_agg']!r}")
         if int(o["topk"]) < 1:
             raise WsimilError(f"lrmil option topk must be at least 1, got {o['topk']}")
+        if o["instance_targets"] not in ("mass", "fraction", "fixed", "paper"):
+            raise WsimilError(
+                f"lrmil option instance_targets must be mass, fraction, fixed or paper, not {o['instance_targets']!r}"
+            )
+        for k in ("instance_mass", "instance_frac", "instance_max_frac"):
+            if not 0 < float(o[k]) <= 1:
+                raise WsimilError(f"lrmil option {k} must be in (0, 1], got {o[k]}")
         for k in ("t_bag", "t_attn"):
             if float(o[k]) <= 0:
                 raise WsimilError(f"lrmil option {k} must be positive, got {o[k]}")
@@ -156,6 +171,24 @@ class LRMILStudent(TrainingMethod):
             y_t.append(logits)
         return torch.stack(y_t).to(dev), g.to(dev), use.to(dev)
 
+    def instance_term(self, out: MILOutput, g: Tensor, batch: Batch, use: Tensor) -> Tensor:
+        """The instance head's loss on pseudo-labelled instances (``instance_targets``; positive = not class 0)."""
+        o = self.opts
+        mode = o["instance_targets"]
+        return instance_loss(
+            out.instance_logits,
+            g,
+            batch.mask,
+            batch.y != 0,
+            use,
+            mode="fixed" if mode == "paper" else mode,
+            positive_only=mode != "paper",
+            k=int(o["topk"]),
+            mass=float(o["instance_mass"]),
+            frac=float(o["instance_frac"]),
+            max_frac=float(o["instance_max_frac"]),
+        )
+
     def losses(self, model: MILModel, out: MILOutput, batch: Batch, epoch: int) -> dict[str, Tensor]:
         o = self.opts
         y_t, g, use = self.guidance(batch)
@@ -163,7 +196,7 @@ class LRMILStudent(TrainingMethod):
             "ce": self.bag_loss(out.logits, batch),
             "bag_kd": bag_kd_loss(out.logits, y_t, float(o["t_bag"])),
             "attn_kd": attention_kd_loss(out.attention_logits, g, batch.mask, float(o["t_attn"]), use),
-            "instance": topk_instance_loss(out.instance_logits, g, batch.mask, int(o["topk"]), use),
+            "instance": self.instance_term(out, g, batch, use),
         }
         weights = {
             "ce": o["lambda_ce"],
