@@ -2,10 +2,18 @@
 both inference paths measured end to end in the same run. Prints JSON.
 
 The synthetic cohort's tumour evidence is fine nuclear texture: clear at 20×, faint at 5× (see wsimil.slide.synth).
-Targets: student AUC within 0.02 of the teacher's, clearly above the baseline's, and the LR path ≥ 10× faster.
+Targets: student pooled AUC ≥ the 5× ceiling − 0.02 and ≥ the teacher's − 0.03, the student − baseline paired CI
+above 0, and the LR path ≥ 12× faster end to end.
 
     python benchmarks/lrmil.py [--cohort /tmp/coh40 --job /tmp/job40] [--slides 40] [--folds 5] [--out DIR]
-                               [--ablations] [--threads 1] [--stage1-epochs 5] [--proxy-teacher | --weights W]
+                               [--ablations] [--threads 1] [--stage1-steps 500] [--proxy-teacher | --weights W]
+                               [--no-ceiling]
+
+**The 5× ceiling** (``ceiling_lr``, when the cohort has tumour masks): a resnet18 trained at 5× with patch labels on
+a disjoint synthetic cohort (``benchmarks/proxy_encoder.py --mag 5``), then ABMIL with the student's settings on its
+5× features, on the same folds: the best a 5×-only model can reach on this data. Every arm is reported pooled
+out of fold with a bootstrap CI, and per size class (macro/micro/ITC against all negatives) when the manifest has a
+``size_class`` column.
 
 ``--proxy-teacher`` makes E_T a resnet18 trained at 20× on a disjoint synthetic cohort (benchmarks/proxy_encoder.py):
 offline there are no pretrained weights, and a randomly initialised ResNet knows nothing for stage 1 to distil.
@@ -24,6 +32,8 @@ import time
 import warnings
 from pathlib import Path
 
+import pandas as pd
+
 ABLATIONS = {
     "no_stage1": {"stage1.enabled": False},
     "no_bag_kd": {"stage2.lambda_bag": 0.0},
@@ -41,10 +51,15 @@ def summary(res: dict) -> dict:
             for name, m in res["metrics"].items()}  # fmt: skip
 
 
-PREDICTIONS = {"teacher_hr": "teacher", "baseline_lr": "baseline_lr", "student_lr": "student"}
+PREDICTIONS = {
+    "teacher_hr": "teacher",
+    "baseline_lr": "baseline_lr",
+    "student_lr": "student",
+    "ceiling_lr": "ceiling_lr",
+}
 
 
-def pooled(run: Path, names=tuple(PREDICTIONS), n_boot: int = 2000) -> dict:
+def pooled(run: Path, names=tuple(PREDICTIONS), n_boot: int = 2000, keep=None) -> dict:
     """Out-of-fold AUC over all slides (each scored by the fold that held it out) with a 95% bootstrap CI, and paired
     bootstrap CIs of the student's AUC minus the teacher's and the baseline's: with 8 test slides per fold the
     fold-mean AUC moves in steps of 1/16, so the pooled figure is the steadier one."""
@@ -61,6 +76,8 @@ def pooled(run: Path, names=tuple(PREDICTIONS), n_boot: int = 2000) -> dict:
     if not preds:
         return {}
     ids = sorted(set.intersection(*(set(p.index) for p in preds.values())))
+    if keep is not None:
+        ids = [i for i in ids if i in keep]
     y = preds[next(iter(preds))].loc[ids, "label"].to_numpy() == 1
     score = {k: p.loc[ids, "prob_1"].to_numpy() for k, p in preds.items()}
     rng = np.random.default_rng(0)
@@ -79,7 +96,7 @@ def pooled(run: Path, names=tuple(PREDICTIONS), n_boot: int = 2000) -> dict:
             "ci95": [round(float(x), 4) for x in np.percentile(b, [2.5, 97.5])],
         }
     if "student_lr" in score:
-        for other in ("teacher_hr", "baseline_lr"):
+        for other in ("teacher_hr", "baseline_lr", "ceiling_lr"):
             if other in score:
                 d = np.array(boots["student_lr"]) - np.array(boots[other])
                 point = binary_auc(y, score["student_lr"]) - binary_auc(y, score[other])
@@ -88,6 +105,47 @@ def pooled(run: Path, names=tuple(PREDICTIONS), n_boot: int = 2000) -> dict:
                     "ci95": [round(float(x), 4) for x in np.percentile(d, [2.5, 97.5])],
                 }
     return out
+
+
+def by_size_class(run: Path, manifest: Path) -> dict:
+    """Pooled AUC per metastasis size class: the positives of one class against every negative slide."""
+    import pandas as pd
+
+    man = pd.read_csv(manifest, dtype={"slide_id": str})
+    if "size_class" not in man.columns:
+        return {}
+    neg = set(man.slide_id[man.size_class == "negative"])
+    return {c: pooled(run, keep=neg | set(man.slide_id[man.size_class == c]))
+            for c in sorted(set(man.size_class) - {"negative"})}  # fmt: skip
+
+
+def ceiling_run(cfg, job: Path, manifest: Path, out: Path, encoder: str) -> dict:
+    """The 5× ceiling arm: an encoder trained at 5× with patch labels on a disjoint cohort, its 5× features of this
+    cohort, ABMIL with the student's settings on the run's folds → ``RUN/ceiling_lr/``. Returns the encoder's
+    summary."""
+    import sys
+
+    from wsimil.features.encoders import create_encoder
+    from wsimil.lrmil.features import EncodeSettings, extract, final_fn
+    from wsimil.lrmil.job import LRMILJob
+    from wsimil.lrmil.pipeline import key_of, train_config
+    from wsimil.methods.trainer import run_training
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from proxy_encoder import train_proxy
+
+    info = train_proxy(out / "proxy", encoder, mag=cfg.lr_mag, seed=1001)
+    enc = create_encoder(encoder, info["weights"], 0)
+    j = LRMILJob(job, cfg.hr_mag, cfg.lr_mag, cfg.patch_size)
+    ids = list(pd.read_csv(manifest, dtype={"slide_id": str}).slide_id)
+    st = EncodeSettings("cpu", cfg.batch_size, cfg.workers, cfg.precision, "auto")
+    key = key_of("ceiling", info["weights"], info.get("seconds"), cfg.lr_mag)
+    feats = extract(j, ids, cfg.lr_mag, final_fn(enc), enc, out / "ceiling_features", key, st,
+                    f"ceiling: {cfg.lr_mag:g}x features of the patch-supervised encoder")  # fmt: skip
+    classes = sorted(map(str, pd.read_csv(manifest).label.unique()))
+    tc = train_config(cfg.student, cfg, classes, out / "run" / "splits" / "all.tsv")
+    run_training(tc, feats, manifest, out / "run" / "ceiling_lr")
+    return info
 
 
 def main() -> None:
@@ -108,6 +166,8 @@ def main() -> None:
     )
     ap.add_argument("--config", default=None, help="LRMIL YAML (default: the built-in defaults)")
     ap.add_argument("--stage1-epochs", type=int, default=None)
+    ap.add_argument("--stage1-steps", type=int, default=None)
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the 5x ceiling arm")
     ap.add_argument("--timing-slides", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 helps on a busy machine)")
     ap.add_argument("--out", default="/tmp/wsimil_lrmil_bench")
@@ -148,9 +208,14 @@ def main() -> None:
         "device": "cpu",
         "timing_slides": args.timing_slides,
         "stage1.epochs": args.stage1_epochs,
+        "stage1.steps": args.stage1_steps,
     }
     t0 = time.perf_counter()
-    res = run_lrmil(load_lrmil_config(args.config, **base), job, manifest, out / "run")
+    cfg = load_lrmil_config(args.config, **base)
+    res = run_lrmil(cfg, job, manifest, out / "run")
+    ceiling = None
+    if not args.no_ceiling and "tumor_mask" in pd.read_csv(manifest, nrows=1).columns:
+        ceiling = ceiling_run(cfg, job, manifest, out, args.encoder)
     report = {
         "cohort": str(manifest),
         "folds": args.folds,
@@ -162,19 +227,23 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "metrics": summary(res),
         "seconds_per_slide": res["seconds_per_slide"],
+        "ceiling_encoder": ceiling,
         "pooled_out_of_fold": pooled(out / "run"),
+        "pooled_by_size_class": by_size_class(out / "run", manifest),
         "run_seconds": round(time.perf_counter() - t0, 1),
         "run": str(out / "run"),
     }
-    m = res["metrics"]
-    auc = {k: m[k]["auc"]["mean"] for k in m}
+    po = report["pooled_out_of_fold"]
+    auc = {k: v["auc"] for k, v in po.items() if isinstance(v, dict) and k in PREDICTIONS}
     sp = res["seconds_per_slide"]
     report["targets"] = {
-        "student_minus_teacher_auc": round(auc["student_lr"] - auc["teacher_hr"], 4),
-        "student_minus_baseline_auc": round(auc["student_lr"] - auc["baseline_lr"], 4),
-        "student_within_0.02_of_teacher": auc["student_lr"] >= auc["teacher_hr"] - 0.02,
+        "student_ge_ceiling_minus_0.02": None
+        if "ceiling_lr" not in auc
+        else auc["student_lr"] >= auc["ceiling_lr"] - 0.02,
+        "student_ge_teacher_minus_0.03": auc["student_lr"] >= auc["teacher_hr"] - 0.03,
+        "student_minus_baseline_ci_above_0": po["student_minus_baseline_lr"]["ci95"][0] > 0,
         "lr_speedup": None if sp.get("speedup") is None else round(sp["speedup"], 2),
-        "lr_path_10x_faster": bool(sp.get("speedup") and sp["speedup"] >= 10),
+        "lr_path_12x_faster": bool(sp.get("speedup") and sp["speedup"] >= 12),
     }
     if args.ablations:
         report["ablations"] = {}

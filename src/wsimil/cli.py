@@ -563,7 +563,15 @@ def lrmil(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ... (default: auto)")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of splits, random init and training. (default: 0)")] = None,
     epochs: Annotated[int | None, typer.Option(help="Max epochs of teacher, baseline and student ABMIL.")] = None,
-    stage1_epochs: Annotated[int | None, typer.Option(help="Epochs of stage-1 encoder distillation.")] = None,
+    stage1_steps: Annotated[int | None, typer.Option(help="Optimiser steps of stage 1. (default: 500)")] = None,
+    stage1_epochs: Annotated[int | None, typer.Option(help="Epochs of stage 1 (instead of --stage1-steps).")] = None,
+    stage1_slides: Annotated[
+        str | None,
+        typer.Option(help="More slides for stage 1 (needs no labels): folder or CSV, tiled in --job like the rest."),
+    ] = None,
+    stage1_test_slides: Annotated[
+        bool, typer.Option(help="Let stage 1 distil on each fold's test slides too (they stay unlabelled).")
+    ] = False,
     no_stage1: Annotated[bool, typer.Option("--no-stage1", help="Ablation: no encoder distillation.")] = False,
     no_bag_kd: Annotated[bool, typer.Option("--no-bag-kd", help="Ablation: no bag-logit KD.")] = False,
     no_attn_kd: Annotated[bool, typer.Option("--no-attn-kd", help="Ablation: no attention KD.")] = False,
@@ -606,6 +614,9 @@ def lrmil(
         "teacher.epochs": epochs,
         "student.epochs": epochs,
         "stage1.epochs": stage1_epochs,
+        "stage1.steps": stage1_steps,
+        "stage1_slides": stage1_slides,
+        "stage1_test_slides": True if stage1_test_slides else None,
         "stage1.enabled": False if no_stage1 else None,
         "stage2.lambda_bag": 0.0 if no_bag_kd else None,
         "stage2.lambda_soft": 0.0 if no_attn_kd else None,

@@ -262,8 +262,18 @@ def test_stage1_keeps_the_teacher_frozen(run):
     assert patch.shape == (64, 64, 3) and mask.shape == (16,) and final.shape == (16, 96)
     assert [s.shape for s in summaries] == [(16, 32), (16, 32), (16, 192)]
     assert torch.all(final[~mask] == 0) and alpha[mask].sum() > 0
-    student, adapters, history = train_stage1(teacher, data, Stage1Settings(epochs=1, lr=1e-3, input_size=64), 4)
-    assert len(adapters) == 0 and len(history) == 1  # same architecture: no adapters
+    st = Stage1Settings(steps=6, lr=1e-3, input_size=64, norm_stats="teacher", eval_every=3, batch_size=4)
+    held = Stage1Patches(LRMILJob(run["job"]), train[:1], out / "features" / "hr",
+                         out / "teacher" / "dump" / "fold0.h5", (0, 1, 3))  # fmt: skip
+    student, adapters, history = train_stage1(teacher, data, st, 4, val_data=held)
+    assert len(adapters) == 0  # same architecture: no adapters
+    # one row per optimiser step with every loss term; evaluation rows on the held-out pairs; one kept step
+    assert [r["step"] for r in history] == list(range(6))
+    assert all({"loss", "layer", "attn", "lr"} <= set(r) for r in history)
+    assert [r["step"] for r in history if "val_loss" in r] == [2, 5]
+    assert sum(r["best"] for r in history) == 1 and history[0]["selected_on"] == "val_loss"
+    assert history[0]["lr"] < history[1]["lr"] or history[0]["lr"] == st.lr  # warm-up, then cosine decay
+    assert history[-1]["lr"] < st.lr
     after = teacher.model.state_dict()
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert not any(p.requires_grad for p in teacher.model.parameters())
@@ -272,3 +282,95 @@ def test_stage1_keeps_the_teacher_frozen(run):
     assert any(state[n].dim() == 4 for n in moved)  # the student did learn (a convolution kernel moved)
     stats = [n for n in state if n.endswith(("running_mean", "running_var"))]
     assert stats and all(torch.equal(state[n], before[n]) for n in stats)  # batch-norm statistics stay the teacher's
+
+
+def test_stage1_reestimates_batch_norm_on_lr_patches(run):
+    from wsimil.lrmil.config import LRMILConfig
+    from wsimil.lrmil.job import LRMILJob
+    from wsimil.lrmil.pipeline import build_teacher_encoder
+    from wsimil.lrmil.stage1 import Stage1Patches, reestimate_norm_statistics
+    from wsimil.lrmil.taps import make_student
+
+    out = run["out"]
+    _, train, _ = folds_of(out)[0]
+    teacher = build_teacher_encoder(LRMILConfig(encoder="lrmil_test_resnet"))
+    data = Stage1Patches(LRMILJob(run["job"]), train, out / "features" / "hr", out / "teacher" / "dump" / "fold0.h5",
+                         (0, 1, 3))  # fmt: skip
+    student = make_student(teacher, 64)
+    bn = next(m for m in student.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    loader = torch.utils.data.DataLoader(data, batch_size=len(data))
+    assert reestimate_norm_statistics(student, loader, "cpu") == len(data)
+    assert not torch.allclose(bn.running_mean, before) and not bn.training
+    # the first layer's statistics are now those of the LR patches' first-layer activations
+    patch = next(iter(loader))[0]
+    net = student.model
+    first = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        act = first(student.preprocess(patch))
+    first_bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    torch.testing.assert_close(first_bn.running_mean, act.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+def test_augmentation_moves_children_with_the_patch():
+    """Child j = b*f + a sits at row b, column a: after any flip/rotation, the child whose block holds a given
+    image corner still carries that corner's targets."""
+    from wsimil.lrmil.stage1 import augment_pairs
+
+    f, size = 4, 8
+    block = size // f
+    img = torch.zeros(1, size, size, 3, dtype=torch.uint8)
+    for j in range(f * f):
+        b, a = divmod(j, f)
+        img[0, b * block : (b + 1) * block, a * block : (a + 1) * block] = 50 + 10 * j  # each block: its id
+    ids = torch.arange(f * f, dtype=torch.float32)[None]
+    mask = torch.ones(1, f * f, dtype=torch.bool)
+    final = ids[..., None].repeat(1, 1, 3)
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(40):
+        pimg, pmask, pfinal, (psum,), palpha = augment_pairs(img, mask, final, [final.clone()], ids.clone(), f, gen)
+        means = torch.stack([
+            pimg[0, b * block : (b + 1) * block, a * block : (a + 1) * block].float().mean()
+            for b, a in (divmod(j, f) for j in range(f * f))
+        ])  # fmt: skip
+        # brightness/contrast is one increasing map per patch (no clipping in 30..220): the order of the blocks'
+        # values is the order of the ids of the children now at those positions
+        assert torch.equal(torch.argsort(means), torch.argsort(pfinal[0, :, 0]))
+        assert torch.equal(palpha[0], pfinal[0, :, 0]) and torch.equal(psum[0, :, 0], pfinal[0, :, 0])
+        assert pmask.all()
+        seen.add(tuple(pfinal[0, :, 0].int().tolist()))
+    assert len(seen) == 8  # all eight flips/rotations occur
+
+
+def test_stage1_slides_never_include_the_folds_test_slides_unless_asked():
+    from wsimil.data.splits import Split
+    from wsimil.lrmil.pipeline import stage1_slides
+
+    sp = Split(0, 1, ["a", "b", "c"], ["v"], ["t1", "t2"])
+    distil, held = stage1_slides(sp, 0, extra=["u1", "t1", "v", "u2"])
+    assert distil == ["a", "b", "c", "u1", "u2"] and held == ["v"]  # no test slide, the held-out one not twice
+    distil, _ = stage1_slides(sp, 0, extra=["u1", "t1"], use_test=True)
+    assert distil == ["a", "b", "c", "u1", "t1"]
+    no_val = Split(0, 0, [f"s{i}" for i in range(20)], [], ["t"])
+    distil, held = stage1_slides(no_val, 3)
+    assert len(held) == 3 and not set(held) & set(distil) and len(distil) == 17  # 15% held out for selection
+    assert stage1_slides(no_val, 3) == (distil, held)  # deterministic
+
+
+def test_unlabelled_stage1_slides_must_be_tiled(run, tmp_path):
+    from wsimil.errors import WsimilError
+    from wsimil.lrmil.job import LRMILJob
+    from wsimil.lrmil.pipeline import unlabelled_slides
+
+    j = LRMILJob(run["job"])
+    ids = list(pd.read_csv(run["manifest"]).slide_id)
+    table = tmp_path / "more.csv"
+    pd.DataFrame({"slide_id": ids[:2] + ["not_tiled"]}).to_csv(table, index=False)
+    with pytest.raises(WsimilError, match="not_tiled.*\n.*wsimil tile --slides"):
+        unlabelled_slides(str(table), j, ids)
+    pd.DataFrame({"slide_id": ids[:2]}).to_csv(table, index=False)
+    assert unlabelled_slides(str(table), j, ids[2:]) == ids[:2]  # slides outside the manifest
+    assert unlabelled_slides(str(table), j, ids) == []  # already labelled: nothing extra
+    with pytest.raises(WsimilError, match="neither a slide folder nor a CSV"):
+        unlabelled_slides(str(tmp_path / "nope.txt"), j, ids)

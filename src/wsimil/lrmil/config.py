@@ -38,15 +38,23 @@ class Stage1Config(_Strict):
     """Patch-level cross-resolution distillation (SPEC §1 stage 1)."""
 
     enabled: bool = True  # False = ablation "no stage 1": the student MIL reads the undistilled encoder's LR features
-    epochs: int = Field(5, ge=1)
-    lr: float = Field(1e-5, gt=0)
+    # [decision] a budget of optimiser steps with warm-up and cosine decay from 1e-4 (SPEC: Adam 1e-5 for a few
+    # epochs, about 150 steps on 40 slides, which hardly moves the weights); epochs, when set, replaces steps
+    steps: int = Field(500, ge=1)
+    epochs: int | None = Field(None, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    warmup: float = Field(0.05, ge=0, lt=1)
+    schedule: Literal["cosine", "constant"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(16, ge=1)
+    augment: bool = True  # flips/rotations with the children permuted alike, mild brightness/contrast
+    eval_every: int = Field(50, ge=1)  # steps between evaluations on held-out pairs (the fold's validation slides)
     lambda_layer: float = Field(1.0, ge=0)
     lambda_attn: float = Field(1.0, ge=0)
     layers: list[int] | None = None  # teacher/student blocks K; default first, second, last-but-one
     input_size: int | None = None  # student input in px; default the LR patch size (ViT: whole token blocks per child)
-    freeze_norm_stats: bool = True  # batch norm keeps the teacher's running statistics (CNN students)
+    # batch norm (CNN students): statistics re-estimated on LR patches, then fixed | the teacher's | train mode
+    norm_stats: Literal["reestimate", "teacher", "train"] = "reestimate"
     workers: int = Field(0, ge=0)
 
 
@@ -91,6 +99,11 @@ class LRMILConfig(_Strict):
     student: MILSettings = Field(default_factory=MILSettings)
     stage1: Stage1Config = Field(default_factory=Stage1Config)
     stage2: Stage2Config = Field(default_factory=Stage2Config)
+    # stage 1 needs no labels: more slides to distil on (a slide folder, a CSV with 'slide_id' or 'path'), tiled in
+    # the job at both magnifications; a fold never distils on its own test (or validation) slides unless
+    # stage1_test_slides is set (transductive use of unlabelled test slides)
+    stage1_slides: str | None = None
+    stage1_test_slides: bool = False
     shared: str | None = None  # run folder holding features, teacher, baseline and stage 1 (default: the run's own)
     # evaluation
     bootstrap: int = Field(1000, ge=0)

@@ -38,6 +38,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from wsimil import __version__
@@ -53,7 +54,7 @@ from wsimil.lrmil.config import LRMILConfig, MILSettings
 from wsimil.lrmil.features import EncodeSettings, extract, final_fn, taps_fn
 from wsimil.lrmil.job import LRMILJob, links_dataset
 from wsimil.lrmil.taps import check_layers, default_layers, n_blocks
-from wsimil.lrmil.teacher import dump_hash, dump_teacher
+from wsimil.lrmil.teacher import dump_covers, dump_hash, dump_teacher
 from wsimil.progress import console, make_progress
 
 STEPS = ("hr_features", "teacher", "baseline", "stage1", "lr_features", "student", "timing", "bundle")
@@ -152,6 +153,8 @@ def run_lrmil(
     ids = man.slide_ids
     j = LRMILJob(job, cfg.hr_mag, cfg.lr_mag, cfg.patch_size)
     j.check(ids)
+    extra = unlabelled_slides(cfg.stage1_slides, j, ids) if cfg.stage1.enabled else []
+    hr_ids = ids + extra  # HR features and teacher outputs: stage 1 needs them for every slide it distils on
     tiling = j.tiling()
     reader = cfg.reader or str(tiling.get("reader", "auto"))
     splits = kfold_splits(man, cfg.folds, 1, cfg.val_fraction, cfg.seed)
@@ -195,7 +198,7 @@ def run_lrmil(
         return until == step
 
     # 1. HR features + summary tokens ------------------------------------------------------------------------------
-    hr_dir = extract(j, ids, cfg.hr_mag, taps_fn(teacher, layers), teacher, base / "features" / "hr", hr_key, st,
+    hr_dir = extract(j, hr_ids, cfg.hr_mag, taps_fn(teacher, layers), teacher, base / "features" / "hr", hr_key, st,
                      f"1/6 HR features ({cfg.hr_mag:g}x) + summary tokens of blocks {list(layers)}")  # fmt: skip
     if done("hr_features"):
         return {}
@@ -210,8 +213,8 @@ def run_lrmil(
         ckpt = fold_checkpoint(t_dir / "checkpoints", 0, sp.fold)
         dumps[sp.fold] = path = t_dir / "dump" / f"fold{sp.fold}.h5"
         ck_hash = load_checkpoint(ckpt)["config_hash"]
-        if dump_hash(path) != ck_hash:
-            dump_teacher(ckpt, hr_dir, ids, path, device)
+        if dump_hash(path) != ck_hash or not dump_covers(path, hr_ids):
+            dump_teacher(ckpt, hr_dir, hr_ids, path, device)
     if done("teacher"):
         return {}
     # the undistilled encoder sees LR patches at the student's input size: E_S before stage 1, so that the baseline
@@ -235,7 +238,7 @@ def run_lrmil(
             from wsimil.lrmil.stage1 import load_student
 
             enc_path, lr_key = stage1_fold(cfg, j, teacher, sp, layers, s1_input, hr_dir, dumps[k], base, hr_key,
-                                           dump_hash(dumps[k]), reader, device)  # fmt: skip
+                                           dump_hash(dumps[k]), reader, device, extra)  # fmt: skip
             encoders[k] = enc_path
             if until == "stage1":
                 continue
@@ -322,38 +325,87 @@ def run_lrmil(
     return payload
 
 
-def stage1_fold(cfg, j, teacher, sp, layers, s1_input, hr_dir, dump, out, hr_key, d_hash, reader, device):
+def stage1_fold(cfg, j, teacher, sp, layers, s1_input, hr_dir, dump, out, hr_key, d_hash, reader, device, extra=()):
     """Stage 1 of one fold (reused when its key matches); returns ``(encoder file, LR feature key)``."""
     from wsimil.lrmil.stage1 import Stage1Patches, Stage1Settings, save_student, train_stage1
 
     s1 = cfg.stage1
-    key = key_of(hr_key, d_hash, s1.model_dump(), list(layers), s1_input, sp.train, cfg.seed)
+    train_ids, held_out = stage1_slides(sp, cfg.seed, extra, cfg.stage1_test_slides)
+    key = key_of(hr_key, d_hash, s1.model_dump(), list(layers), s1_input, train_ids, held_out, cfg.seed)
     path = out / "stage1" / f"fold{sp.fold}" / f"encoder{SUFFIX}"
     have = load_checkpoint(path).get("key") if path.is_file() else None
     if have != key:
-        console.print(f"3/6 stage 1, fold {sp.fold}: distilling on {len(sp.train)} training slides")
-        data = Stage1Patches(j, sp.train, hr_dir, dump, layers, reader)
-        settings = Stage1Settings(
-            epochs=s1.epochs,
-            lr=s1.lr,
-            weight_decay=s1.weight_decay,
-            batch_size=s1.batch_size,
-            lambda_layer=s1.lambda_layer,
-            lambda_attn=s1.lambda_attn,
-            input_size=s1_input,
-            workers=s1.workers,
-            freeze_norm_stats=s1.freeze_norm_stats,
-            seed=cfg.seed + sp.fold,
-            device=device,
-            reader=reader,
+        n_extra = len(set(train_ids) - set(map(str, sp.train)))
+        console.print(
+            f"3/6 stage 1, fold {sp.fold}: distilling on {len(train_ids)} slides"
+            + (f" ({n_extra} unlabelled)" if n_extra else "")
+            + f", selecting on {len(held_out)} held-out slides"
         )
+        data = Stage1Patches(j, train_ids, hr_dir, dump, layers, reader)
+        val = Stage1Patches(j, held_out, hr_dir, dump, layers, reader) if held_out else None
+        opts = s1.model_dump(exclude={"enabled", "layers", "input_size"})
+        settings = Stage1Settings(**opts, input_size=s1_input, seed=cfg.seed + sp.fold, device=device, reader=reader)
         with make_progress() as progress:
-            student, adapters, history = train_stage1(teacher, data, settings, j.factor, progress=progress)
+            student, adapters, history = train_stage1(teacher, data, settings, j.factor, progress=progress,
+                                                       val_data=val)  # fmt: skip
         save_student(path, student, adapters, {"key": key, "layers": list(layers), "history": history,
                                                "fold": sp.fold, "n_patches": len(data),
-                                               "slides": [str(x) for x in sp.train]})  # fmt: skip
+                                               "slides": train_ids, "selection_slides": held_out})  # fmt: skip
         write_csv(path.parent / "history.csv", pd.DataFrame(history))
     return path, key_of("lr_student", key, cfg.lr_mag)
+
+
+def stage1_slides(sp: Split, seed: int, extra=(), use_test: bool = False) -> tuple[list[str], list[str]]:
+    """Stage 1's slides of a fold: ``(distil on, select on)``. Distils on the fold's training slides plus the
+    ``extra`` (unlabelled) ones, less the fold's test slides (unless ``use_test``) and the held-out ones. Selection
+    uses the fold's validation slides; with none, 15% of its training slides (at least one, when there are two or
+    more) are held out."""
+    train = [str(s) for s in sp.train]
+    if sp.val:
+        held = [str(s) for s in sp.val]
+    elif len(train) >= 2:
+        rng = np.random.default_rng(seed + 7919 * sp.fold)
+        held = sorted(rng.choice(train, max(1, round(0.15 * len(train))), replace=False).tolist())
+    else:
+        held = []
+    banned = set(held) | (set() if use_test else {str(s) for s in sp.test})
+    distil = [s for s in train if s not in banned]
+    distil += [str(s) for s in extra if str(s) not in banned and str(s) not in distil]
+    return distil, held
+
+
+def unlabelled_slides(spec: str | None, j: LRMILJob, labelled: list[str]) -> list[str]:
+    """Slide ids of ``stage1_slides`` (a slide folder, or a CSV with ``slide_id`` or ``path``) not in the
+    manifest, checked to be tiled in the job at both magnifications with links."""
+    from wsimil.errors import WsimilError
+
+    if not spec:
+        return []
+    p = Path(spec)
+    if p.suffix.lower() == ".csv" and p.is_file():
+        df = pd.read_csv(p, dtype=str, keep_default_na=False)
+        if "slide_id" in df.columns:
+            found = [s for s in df["slide_id"] if s]
+        elif "path" in df.columns:
+            found = [Path(s).stem for s in df["path"] if s]
+        else:
+            raise WsimilError(f"stage1_slides table {p} needs a 'slide_id' or 'path' column")
+    elif p.is_dir():
+        from wsimil.slide.job import collect_slides
+
+        found = [s.slide_id for s in collect_slides(p)]
+    else:
+        raise WsimilError(f"stage1_slides {spec} is neither a slide folder nor a CSV file")
+    have = set(labelled)
+    extra = list(dict.fromkeys(s for s in found if s not in have))
+    try:
+        j.check(extra)
+    except WsimilError as e:
+        raise WsimilError(
+            f"{e}\nstage-1 slides must be tiled in the job like the cohort: wsimil tile --slides {spec} "
+            f"--out {j.root} --mag {j.hr:g} --mag {j.lr:g}"
+        ) from None
+    return extra
 
 
 def undistilled_lr_encoder(teacher: Encoder, input_size: int) -> Encoder:

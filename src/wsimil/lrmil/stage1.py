@@ -8,15 +8,23 @@ The student ``E_S`` starts as a copy of the frozen teacher encoder ``E_T`` and s
 - ``L_attn``: the student's final embedding regresses the children's teacher embeddings, weighted by the fold
   teacher's softmax attention renormalised over the children.
 
-``L = λ_layer L_layer + λ_attn L_attn`` (Adam, lr 1e-5); the epoch with the lowest mean loss is kept. **[decision]**
-Batch-norm layers keep the teacher's running statistics (:func:`freeze_norm_statistics`). Linear
-adapters map student widths to teacher widths only where they differ (a student architecture other than the
-teacher's). Only the fold's training slides are used (see :mod:`wsimil.lrmil.pipeline` for the fold policy).
+``L = λ_layer L_layer + λ_attn L_attn``. **[decision]** SPEC's Adam at lr 1e-5 for a few epochs hardly moves the
+weights (about 150 steps on a 40-slide cohort), so stage 1 runs a budget of optimiser steps (default 500) with a
+linear warm-up and a cosine decay from lr 1e-4, augments each LR patch with one of the 8 flips/rotations and mild
+brightness/contrast changes (the children's targets are permuted with the patch, so every child keeps its HR
+partner), and keeps the step whose loss on held-out pairs (the fold's validation slides, never its test slides) is
+lowest; every loss term is logged per step. Batch-norm layers get their statistics re-estimated on LR patches
+before training (``norm_stats: reestimate``; the teacher's were computed on HR patches) and kept fixed while the
+affine weights train, so that the function trained is the one used (``teacher``: keep the teacher's statistics;
+``train``: plain train-mode batch norm). Linear adapters map student widths to teacher widths only where they differ
+(a student architecture other than the teacher's). Only the fold's training slides are used (see
+:mod:`wsimil.lrmil.pipeline` for the fold policy).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -40,18 +48,23 @@ OPEN_SLIDES = 16  # per worker: slide handles kept open
 
 @dataclass
 class Stage1Settings:
-    epochs: int = 5
-    lr: float = 1e-5
+    steps: int = 500  # optimiser steps (``epochs``, when given, replaces it with epochs × batches per epoch)
+    epochs: int | None = None
+    lr: float = 1e-4
+    warmup: float = 0.05  # share of the steps with a linear warm-up
+    schedule: str = "cosine"  # cosine | constant (after the warm-up)
     weight_decay: float = 0.0
     batch_size: int = 16
     lambda_layer: float = 1.0
     lambda_attn: float = 1.0
     input_size: int = 256  # student input in pixels (the LR patch size)
+    augment: bool = True  # flips/rotations (children permuted alike) and mild brightness/contrast changes
+    norm_stats: str = "reestimate"  # batch norm: reestimate (on LR patches, then fixed) | teacher | train
+    eval_every: int = 50  # steps between evaluations on the held-out pairs
     workers: int = 0
     seed: int = 0
     device: str = "cpu"
     reader: str = "auto"
-    freeze_norm_stats: bool = True  # batch-norm layers keep the teacher's running statistics (see train_stage1)
 
 
 class Stage1Patches(torch.utils.data.Dataset):
@@ -153,14 +166,74 @@ def _adapt(adapters: nn.ModuleDict, key: str, x: Tensor) -> Tensor:
     return adapters[key](x) if key in adapters else x
 
 
+def _norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def freeze_norm_statistics(model: nn.Module) -> None:
-    """Put batch-norm layers in eval mode (their affine weights still train): the student then computes exactly the
-    teacher's function at the start of stage 1 and keeps the teacher's running statistics, instead of normalising
-    with the statistics of small batches of LR patches (and drifting its running statistics towards them). ViTs have
-    no batch norm, so this only matters for CNNs; the official code distils a ViT (CONCH)."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
+    """Put batch-norm layers in eval mode (their affine weights still train): running statistics stay as they are
+    instead of following small batches of LR patches. ViTs have no batch norm."""
+    for m in _norm_layers(model):
+        m.eval()
+
+
+@torch.no_grad()
+def reestimate_norm_statistics(student: Encoder, loader, device: str, max_batches: int = 64) -> int:
+    """Recompute every batch-norm layer's running mean and variance as the plain average over up to ``max_batches``
+    batches of LR patches (AdaBN); returns the number of patches seen (0: the model has no batch norm)."""
+    layers = _norm_layers(student.model)
+    if not layers:
+        return 0
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches seen
+        m.train()
+    seen = 0
+    for i, (patch, *_rest) in enumerate(loader):
+        if i >= max_batches:
+            break
+        student.model(student.preprocess(patch.to(device)))
+        seen += len(patch)
+    for m, mom in zip(layers, momenta, strict=True):
+        m.momentum = mom
+        m.eval()
+    return seen
+
+
+def augment_pairs(patch: Tensor, mask: Tensor, final: Tensor, summaries: list[Tensor], alpha: Tensor,
+                  factor: int, gen: torch.Generator):  # fmt: skip
+    """One random flip/rotation per LR patch ``(B, H, W, 3)``, applied alike to its ``f × f`` grid of children
+    (``(B, f², …)``, child ``j = b·f + a`` at row ``b``, column ``a``), so each child keeps its HR targets; and a
+    brightness/contrast change of at most 10% (the targets are the HR teacher's, so the student learns to ignore
+    it)."""
+    b = patch.shape[0]
+    ops = torch.randint(0, 8, (b,), generator=gen).tolist()
+
+    def tf(x: Tensor, op: int) -> Tensor:  # x: (H, W, ...) image or (f, f, ...) grid
+        x = torch.rot90(x, op % 4, dims=(0, 1))
+        return x.flip(1) if op >= 4 else x
+
+    def grid(t: Tensor) -> Tensor:
+        g = t.reshape(b, factor, factor, *t.shape[2:])
+        return torch.stack([tf(g[i], ops[i]) for i in range(b)]).reshape(t.shape)
+
+    img = torch.stack([tf(patch[i], ops[i]) for i in range(b)]).float()
+    gain = 1 + (torch.rand(b, 1, 1, 1, generator=gen) - 0.5) * 0.2
+    contrast = 1 + (torch.rand(b, 1, 1, 1, generator=gen) - 0.5) * 0.2
+    mean = img.mean((1, 2, 3), keepdim=True)
+    img = ((img - mean) * contrast + mean * gain).clamp_(0, 255).round_().to(torch.uint8)
+    return img, grid(mask), grid(final), [grid(x) for x in summaries], grid(alpha)
+
+
+def _lr_at(step: int, st: Stage1Settings, total: int) -> float:
+    warm = max(1, round(st.warmup * total))
+    if step < warm:
+        return st.lr * (step + 1) / warm
+    if st.schedule == "constant":
+        return st.lr
+    t = (step - warm) / max(1, total - warm)
+    return st.lr * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def train_stage1(
@@ -170,11 +243,17 @@ def train_stage1(
     factor: int,
     student_layers: tuple[int, ...] | None = None,
     progress=None,
+    val_data: Stage1Patches | None = None,
 ) -> tuple[Encoder, nn.ModuleDict, list[dict]]:
     """Distil ``teacher`` into a student on ``data``; returns ``(student in eval mode, adapters, history)``. The
-    teacher encoder is frozen and never updated (its targets were computed in step 1)."""
+    teacher encoder is frozen and never updated (its targets were computed in step 1). The kept state is the one
+    with the lowest loss on ``val_data`` (held-out pairs; without them, the lowest running training loss);
+    ``history`` has one row per step (``step, lr, loss, layer, attn``) and evaluation rows with ``val_*``."""
+    if st.norm_stats not in ("reestimate", "teacher", "train"):
+        raise ValueError(f"norm_stats must be reestimate, teacher or train, not {st.norm_stats!r}")
     freeze(teacher.model)
     torch.manual_seed(st.seed)
+    gen = torch.Generator().manual_seed(st.seed)
     student = make_student(teacher, st.input_size)
     model = student.model.to(st.device)
     for p in model.parameters():
@@ -184,52 +263,86 @@ def train_stage1(
     adapters = build_adapters(model, teacher.model, s_layers, t_layers, student.embed_dim, teacher.embed_dim)
     adapters.to(st.device)
     params = [p for p in model.parameters()] + list(adapters.parameters())
-    opt = torch.optim.Adam(params, lr=st.lr, weight_decay=st.weight_decay)
-    loader = torch.utils.data.DataLoader(
-        data,
-        batch_size=st.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(st.seed),
-        num_workers=st.workers,
-    )
-    best, best_state, history = float("inf"), None, []
-    task = progress.add_task("stage 1", total=st.epochs * len(loader), info="") if progress is not None else None
-    for epoch in range(st.epochs):
+    opt = torch.optim.AdamW(params, lr=st.lr, weight_decay=st.weight_decay)
+
+    def loader(ds, shuffle: bool):
+        return torch.utils.data.DataLoader(ds, batch_size=st.batch_size, shuffle=shuffle, num_workers=st.workers,
+                                           generator=torch.Generator().manual_seed(st.seed))  # fmt: skip
+
+    train_loader = loader(data, True)
+    total = st.epochs * len(train_loader) if st.epochs else st.steps
+    if st.norm_stats == "reestimate":
+        model.eval()
+        reestimate_norm_statistics(student, loader(data, True), st.device)
+
+    def losses(patch, mask, final, summaries, alpha, train: bool) -> dict[str, Tensor]:
+        dev = st.device
+        if train and st.augment:
+            patch, mask, final, summaries, alpha = augment_pairs(patch, mask, final, summaries, alpha, factor, gen)
+        taps = forward_taps(model, student.preprocess(patch.to(dev)), s_layers)
+        s_children = [_adapt(adapters, str(i), pool_children(g, factor)) for i, g in enumerate(taps.grids)]
+        mask = mask.to(dev)
+        l_layer = layer_distill_loss(s_children, [x.to(dev) for x in summaries], mask)
+        l_attn = attention_feature_loss(_adapt(adapters, "final", taps.final), final.to(dev), alpha.to(dev), mask)
+        return {"loss": st.lambda_layer * l_layer + st.lambda_attn * l_attn, "layer": l_layer, "attn": l_attn}
+
+    def train_mode() -> None:
         model.train()
-        if st.freeze_norm_stats:
-            freeze_norm_statistics(model)
         adapters.train()
-        sums = {"loss": 0.0, "layer": 0.0, "attn": 0.0}
-        n = 0
-        for patch, mask, final, summaries, alpha in loader:
-            dev = st.device
-            x = student.preprocess(patch.to(dev))
-            taps = forward_taps(model, x, s_layers)
-            s_children = [_adapt(adapters, str(i), pool_children(g, factor)) for i, g in enumerate(taps.grids)]
-            mask = mask.to(dev)
-            l_layer = layer_distill_loss(s_children, [s.to(dev) for s in summaries], mask)
-            l_attn = attention_feature_loss(_adapt(adapters, "final", taps.final), final.to(dev), alpha.to(dev), mask)
-            loss = st.lambda_layer * l_layer + st.lambda_attn * l_attn
+        if st.norm_stats != "train":
+            freeze_norm_statistics(model)
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        adapters.eval()
+        sums, n = {"loss": 0.0, "layer": 0.0, "attn": 0.0}, 0
+        for batch in loader(val_data, False):
+            for k, v in losses(*batch, train=False).items():
+                sums[k] += float(v) * len(batch[0])
+            n += len(batch[0])
+        train_mode()
+        return {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
+
+    use_val = val_data is not None and len(val_data) > 0
+    best, best_state, history = float("inf"), None, []
+    task = progress.add_task("stage 1", total=total, info="") if progress is not None else None
+    running = None
+    train_mode()
+    step = 0
+    while step < total:
+        for batch in train_loader:
+            if step >= total:
+                break
+            lr = _lr_at(step, st, total)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            terms = losses(*batch, train=True)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            terms["loss"].backward()
             opt.step()
-            for k, v in (("loss", loss), ("layer", l_layer), ("attn", l_attn)):
-                sums[k] += float(v.detach())
-            n += 1
+            row = {"step": step, "lr": lr, **{k: float(v.detach()) for k, v in terms.items()}}
+            running = row["loss"] if running is None else 0.9 * running + 0.1 * row["loss"]
+            step += 1
+            if step % st.eval_every == 0 or step == total:
+                score = running
+                if use_val:
+                    row.update(evaluate())
+                    score = row["val_loss"]
+                if score < best:
+                    best = score
+                    best_state = (copy.deepcopy(model.state_dict()), copy.deepcopy(adapters.state_dict()), step)
+            history.append(row)
             if task is not None:
-                progress.update(task, advance=1, info=f"epoch {epoch} loss {sums['loss'] / n:.4g}")
-        row = {"epoch": epoch, **{f"train_{k}": v / max(n, 1) for k, v in sums.items()}}
-        history.append(row)
-        if row["train_loss"] < best:
-            best = row["train_loss"]
-            best_state = (copy.deepcopy(model.state_dict()), copy.deepcopy(adapters.state_dict()))
+                progress.update(task, advance=1, info=f"loss {running:.4g}" + (f" val {best:.4g}" if use_val else ""))
     if task is not None:
         progress.remove_task(task)
     if best_state is not None:
         model.load_state_dict(best_state[0])
         adapters.load_state_dict(best_state[1])
     for row in history:
-        row["best"] = row["train_loss"] == best
+        row["best"] = best_state is not None and row["step"] + 1 == best_state[2]
+        row["selected_on"] = "val_loss" if use_val else "train_loss (no held-out pairs)"
     freeze(model)
     return student, adapters, history
 

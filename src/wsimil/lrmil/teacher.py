@@ -57,6 +57,15 @@ def dump_teacher(
     return out
 
 
+def dump_covers(path: str | Path, slide_ids: list[str]) -> bool:
+    """True if the dump at ``path`` holds the teacher outputs of every slide in ``slide_ids``."""
+    try:
+        with h5py.File(path, "r") as f:
+            return all(s in f for s in slide_ids)
+    except OSError:
+        return False
+
+
 def dump_hash(path: str | Path) -> str | None:
     """The ``config_hash`` of the checkpoint a dump was made from (``None`` if there is no readable dump)."""
     try:
