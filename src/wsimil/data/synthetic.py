@@ -27,6 +27,7 @@ class SynthBag:
     instance_labels: np.ndarray  # (N,) int64
     label: int | str
     columns: dict[str, Any] = field(default_factory=dict)  # further manifest columns (fine_label, time, event, ...)
+    coords: np.ndarray | None = None  # (N, 2) grid positions, when the bag has a layout
 
 
 def make_digit_bags(
@@ -62,7 +63,8 @@ def write_bags(bags: list[SynthBag], out: str | Path, encoder: str = "synthetic"
     """Write ``out/features/{slide_id}.h5`` (with ``instance_labels``) and ``out/manifest.csv``."""
     out = Path(out)
     for b in bags:
-        write_bag(out / "features" / f"{b.slide_id}.h5", b.features, instance_labels=b.instance_labels, encoder=encoder)
+        write_bag(out / "features" / f"{b.slide_id}.h5", b.features, b.coords, instance_labels=b.instance_labels,
+                  encoder=encoder)  # fmt: skip
     mpath = out / "manifest.csv"
     rows = [{"case_id": b.slide_id, "slide_id": b.slide_id, "label": b.label, **b.columns} for b in bags]
     write_csv(mpath, pd.DataFrame(rows))
