@@ -53,7 +53,7 @@ class PatchGrid:
     def from_h5(cls, path: str | Path, slide_path: str | None = None) -> PatchGrid:
         with h5py.File(path, "r") as f:
             d = f["coords"]
-            attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in d.attrs.items()}
+            attrs = {k: (v.item() if np.ndim(v) == 0 and hasattr(v, "item") else v) for k, v in d.attrs.items()}
             coords = d[()].astype(np.int64)
             cells = f["grid_cells"][()] if "grid_cells" in f else None
         step = level0_footprint(attrs)
