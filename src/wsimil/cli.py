@@ -263,7 +263,7 @@ def tile(
     mpp: Annotated[float | None, typer.Option(help="Level-0 µm/px for slides whose metadata lacks it.")] = None,
     reader: Annotated[str, typer.Option(help=READER_HELP)] = "auto",
     workers: Annotated[int, typer.Option(help="Slides tiled in parallel.")] = 1,
-    min_tissue: Annotated[float, typer.Option(help="Least tissue share of a patch's footprint.")] = 0.1,
+    min_tissue: Annotated[float, typer.Option(help="Least tissue share of a patch's footprint (0: any tissue).")] = 0.1,
     overwrite: Annotated[bool, typer.Option(help="Redo slides whose outputs are already valid.")] = False,
 ) -> None:
     """Find tissue and tile it at exact µm/px, at one or more nested magnifications.
@@ -638,3 +638,6 @@ def lrmil(
 
 if __name__ == "__main__":
     app()
+
+
+import wsimil.cli_export  # noqa: E402, F401  (registers `wsimil export`; it uses the helpers above)

@@ -1,8 +1,18 @@
 """Typed run configuration. Each field maps to a CLI flag of ``wsimil train`` and to a key in a YAML file; the
-resolved config is saved beside every run's outputs."""
+resolved config is saved beside every run's outputs.
+
+Presets ship inside the package (``wsimil/configs/*.yaml``): ``--config classic_mil`` (or a ``configs/NAME.yaml``
+path that does not exist where you run) reads the packaged preset.
+
+``model_kwargs`` in a file belong to the file's ``model``. When another model is chosen (``--model transmil`` with
+``configs/classic_mil.yaml``), options that the file's model accepts and the chosen one does not are dropped with a
+warning naming them; the chosen model keeps the options it shares and its own defaults for the rest. Options no
+model accepts, and any option given with ``--model-opt``, are passed on, and a bad one fails with the model's name.
+Methods with their own network (HMIL, WENO) take ``model_kwargs`` as they are."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,7 +92,7 @@ def read_config_file(path: str | Path | None) -> dict[str, Any]:
         return {}
     path = Path(path)
     if not path.is_file():
-        raise WsimilError(f"config file {path} does not exist")
+        path = preset_path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -92,10 +102,57 @@ def read_config_file(path: str | Path | None) -> dict[str, Any]:
     return data
 
 
+def list_presets() -> list[str]:
+    """Names of the config presets shipped in the package."""
+    from importlib.resources import files
+
+    return sorted(p.name[:-5] for p in files("wsimil").joinpath("configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_path(path: str | Path) -> Path:
+    """The packaged preset a missing ``path`` names (``classic_mil``, ``classic_mil.yaml``, ``configs/NAME.yaml``),
+    or a :class:`WsimilError` saying the file does not exist."""
+    from importlib.resources import as_file, files
+
+    path = Path(path)
+    name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if path.parent.name in ("", "configs") and name in list_presets():
+        with as_file(files("wsimil").joinpath("configs", f"{name}.yaml")) as p:
+            return Path(p)
+    raise WsimilError(f"config file {path} does not exist (presets: {', '.join(list_presets())})")
+
+
+def _model_kwargs_for(kwargs: dict[str, Any], file_model: str, model: str, method: str, source: str) -> dict:
+    """``kwargs`` written for ``file_model`` without the options that only it takes, when ``model`` is chosen."""
+    from wsimil.methods.base import method_owns_model_kwargs
+    from wsimil.models import list_models
+    from wsimil.models.base import model_options
+
+    if method_owns_model_kwargs(method) or file_model not in list_models() or model not in list_models():
+        return kwargs
+    theirs, ours = model_options(file_model), model_options(model)
+    if ours is None:
+        return kwargs
+    drop = sorted(k for k in kwargs if k not in ours and (theirs is None or k in theirs))
+    if drop:
+        warnings.warn(
+            f"{source}: model option(s) {', '.join(drop)} belong to {file_model!r} and are not used by {model!r}",
+            UserWarning,
+            stacklevel=3,
+        )
+    return {k: v for k, v in kwargs.items() if k not in drop}
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """Defaults ← YAML file ← overrides (CLI flags; ``None`` means "not given")."""
     data = read_config_file(path)
+    file_model = data.get("model", TrainConfig.model_fields["model"].default)
     data.update({k: v for k, v in overrides.items() if v is not None})
+    if path and overrides.get("model_kwargs") is None and isinstance(data.get("model_kwargs"), dict):
+        method = data.get("method", TrainConfig.model_fields["method"].default)
+        model = data.get("model", file_model)
+        if isinstance(model, str) and isinstance(method, str) and model != file_model:
+            data["model_kwargs"] = _model_kwargs_for(data["model_kwargs"], file_model, model, method, str(path))
     try:
         return TrainConfig(**data)
     except ValidationError as e:

@@ -345,9 +345,9 @@ def _patch_size_level0(path: Path) -> float | None:
         with h5py.File(path, "r") as f:
             if "coords" not in f:
                 return None
-            a = f["coords"].attrs
-            v = a.get("patch_size_level0_exact", a.get("patch_size_level0"))
-            return float(v) if v is not None else None
+            from wsimil.features.patches import level0_footprint
+
+            return level0_footprint(dict(f["coords"].attrs))
     except OSError:
         return None
 

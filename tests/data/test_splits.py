@@ -99,3 +99,56 @@ def test_tiny_cohorts_still_get_a_validation_part(tmp_path):
     pd.DataFrame({"slide_id": [f"s{i}" for i in range(10)], "label": [i % 2 for i in range(10)]}).to_csv(p, index=False)
     splits = kfold_splits(read_manifest(p), k=5, val_fraction=0.1, seed=0)
     assert all(len(s.val) >= 1 and len(s.train) >= 4 for s in splits)
+
+
+def _clam_split_files(folder, fold, parts, classes):
+    """The three files CLAM's create_splits_seq.py writes per fold (from its documented format): the id lists,
+    the per-slide booleans (ids as the index) and the per-class counts."""
+    folder.mkdir(exist_ok=True)
+    cols = [pd.Series(parts[k], name=k, dtype=object) for k in ("train", "val", "test")]
+    pd.concat(cols, axis=1).to_csv(folder / f"splits_{fold}.csv")
+    ids = [i for k in ("train", "val", "test") for i in parts[k]]
+    flags = {k: [i in parts[k] for i in ids] for k in ("train", "val", "test")}
+    pd.DataFrame(flags, index=ids).to_csv(folder / f"splits_{fold}_bool.csv")
+    counts = {k: [sum(classes[i] == c for i in parts[k]) for c in (0, 1, 2)] for k in ("train", "val", "test")}
+    pd.DataFrame(counts, index=["a", "b", "c"]).to_csv(folder / f"splits_{fold}_descriptor.csv")
+
+
+def test_clam_split_folder_reads_only_the_folds(manifest, tmp_path):
+    splits = kfold_splits(manifest, 3, val_fraction=0.25)
+    classes = dict(zip(manifest.slide_ids, manifest.labels, strict=True))
+    for s in splits:
+        _clam_split_files(tmp_path / "splits", s.fold, {"train": s.train, "val": s.val, "test": s.test}, classes)
+    back = read_splits(tmp_path / "splits", manifest)  # 9 files, 3 folds
+    assert [(b.fold, b.train, b.val, b.test) for b in back] == [(s.fold, s.train, s.val, s.test) for s in splits]
+    (lone,) = read_splits(tmp_path / "splits" / "splits_1_bool.csv", manifest)
+    assert (lone.fold, sorted(lone.train), sorted(lone.val), sorted(lone.test)) == (
+        1,
+        splits[1].train,
+        splits[1].val,
+        splits[1].test,
+    )
+    with pytest.raises(WsimilError, match="descriptor"):
+        read_splits(tmp_path / "splits" / "splits_1_descriptor.csv")
+    only_bool = tmp_path / "only_bool"
+    only_bool.mkdir()
+    (only_bool / "splits_0_bool.csv").write_bytes((tmp_path / "splits" / "splits_0_bool.csv").read_bytes())
+    (b,) = read_splits(only_bool, manifest)
+    assert sorted(b.test) == splits[0].test
+
+
+def test_patho_bench_few_shot_minus_one_is_unused(manifest, tmp_path):
+    ids = manifest.slide_ids
+    values = ["train", "test", "-1", "val"]
+    tsv = pd.DataFrame(
+        {"case_id": manifest.groups, "slide_id": ids, "fold_0": [values[i % 4] for i in range(len(ids))]}
+    )
+    tsv.to_csv(tmp_path / "k=all.tsv", sep="\t", index=False)
+    (s,) = read_splits(tmp_path / "k=all.tsv", manifest)
+    unused = {ids[i] for i in range(len(ids)) if i % 4 == 2}
+    assert unused and not unused & (set(s.train) | set(s.val) | set(s.test))
+    assert len(s.train) + len(s.val) + len(s.test) == len(ids) - len(unused)
+    tsv["fold_0"] = ["-2"] + list(tsv["fold_0"][1:])
+    tsv.to_csv(tmp_path / "bad.tsv", sep="\t", index=False)
+    with pytest.raises(WsimilError, match="split value '-2'"):
+        read_splits(tmp_path / "bad.tsv")

@@ -91,3 +91,38 @@ def test_atomic_writes_get_the_mode_of_a_plain_write(tmp_path):
     (tmp_path / "plain.txt").write_text("x")
     write_text(tmp_path / "atomic.txt", "x")
     assert (tmp_path / "atomic.txt").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
+
+
+def test_trident_pt_numpy_loads_and_pickled_code_is_refused(tmp_path):
+    import os
+
+    feats = np.random.default_rng(2).normal(size=(7, 5))
+    for name, dtype in (("f32", np.float32), ("f16", np.float16)):
+        torch.save(feats.astype(dtype), tmp_path / f"{name}.pt")  # TRIDENT's saveas='pt': torch.save(ndarray)
+    store = FeatureStore(tmp_path)
+    np.testing.assert_allclose(store.read("f32").features, feats, rtol=1e-6)
+    np.testing.assert_allclose(store.read("f16").features, feats, rtol=1e-3, atol=1e-3)
+    assert store.shape("f16") == (7, 5) and store.read("f16").features.dtype == np.float32
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"features": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(WsimilError, match="refused to load") as e:
+        store.read("evil")
+    assert "\n" not in str(e.value)
+    torch.save(["not", "features"], tmp_path / "odd.pt")
+    with pytest.raises(WsimilError, match="holds a list, not a numeric"):
+        store.read("odd")
+
+
+def test_trident_job_root_finds_its_one_level(tmp_path):
+    job = tmp_path / "job"
+    write_bag(job / "20x_256px_0px_overlap" / "features_uni" / "s.h5", np.ones((2, 3)))
+    (job / "20x_256px_0px_overlap" / "patches").mkdir()
+    (job / "contours").mkdir()
+    assert FeatureStore(job).dir == job / "20x_256px_0px_overlap" / "features_uni"
+    write_bag(job / "10x_256px_0px_overlap" / "features_conch" / "s.h5", np.ones((2, 3)))
+    with pytest.raises(WsimilError, match="10x_256px_0px_overlap/features_conch, 20x_256px_0px_overlap/features_uni"):
+        FeatureStore(job)

@@ -60,3 +60,25 @@ def test_three_magnifications_and_non_nesting():
     assert (links[(5.0, 20.0)] >= 0).all()  # full tissue: every child present
     with pytest.raises(ValueError, match="must nest"):
         nested_grids((1000, 1000), 0.25, [20, 7], 256, mask, 64.0)
+
+
+def test_min_tissue_zero_keeps_patches_touching_tissue_not_background():
+    mask = np.zeros((40, 40), bool)
+    mask[10, 10] = True  # one tissue pixel: the patch holding it touches tissue
+    grids, _ = nested_grids((40 * 16, 40 * 16), 0.5, [20], 64, mask, 16.0, min_tissue=0)
+    g = grids[20.0]
+    assert g.grid_shape == (10, 10) and len(g.coords) == 1 and tuple(g.coords[0]) == (128, 128)
+    assert (
+        len(nested_grids((640, 640), 0.5, [20], 64, np.zeros((40, 40), bool), 16.0, min_tissue=0)[0][20.0].coords) == 0
+    )
+
+
+@pytest.mark.parametrize(
+    ("mpp0", "mag", "nominal_mag", "nominal"),
+    [(0.25, 20, 40, 512), (0.2527, 20, 40, 512), (0.499, 20, 20, 256), (0.2527, 5, 40, 2048), (3.0, 1.25, None, 683)],
+)
+def test_nominal_values_follow_tridents_buckets(mpp0, mag, nominal_mag, nominal):
+    from wsimil.slide.tiling import nominal_magnification, nominal_patch_size_level0
+
+    assert nominal_magnification(mpp0) == nominal_mag
+    assert nominal_patch_size_level0(256, mag, mpp0) == nominal

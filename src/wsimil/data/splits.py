@@ -1,6 +1,12 @@
 """Train/validation/test splits: stratified group k-fold with repeats, CLAM ``splits_{k}.csv``, Patho-Bench
 ``k=all.tsv`` and fixed lists.
 
+CLAM's ``create_splits_seq.py`` writes three files per fold: ``splits_{k}.csv`` (columns train,val,test of slide
+ids; these are the folds), ``splits_{k}_bool.csv`` (slide ids as the index, True/False per part) and
+``splits_{k}_descriptor.csv`` (counts per class). A folder is read from its ``splits_{k}.csv`` files (from the
+``_bool`` files when there are none); a lone ``_bool`` file is read too, a lone ``_descriptor`` file is refused.
+Patho-Bench fold columns hold train/val/test, or ``-1`` for a slide not used in that fold (few-shot splits).
+
 k-fold splits are stratified by label and grouped by ``case_id`` so a patient never spans train and test; the
 validation part is carved from each training part the same way.
 """
@@ -19,6 +25,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 from wsimil.data.manifest import Manifest
 from wsimil.errors import WsimilError, problems_error
 from wsimil.io import write_csv
+
+SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -96,9 +104,9 @@ def read_splits(path: str | Path, manifest: Manifest | None = None) -> list[Spli
     (``slide_id,split`` with values train/val/test). When ``manifest`` is given, every id must be in it."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(path.glob("splits_*.csv"), key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
+        files = _clam_fold_files(path, "") or _clam_fold_files(path, "_bool")
         if not files:
-            raise WsimilError(f"no splits_{{k}}.csv files in {path}")
+            raise WsimilError(f"no CLAM splits_{{k}}.csv (or splits_{{k}}_bool.csv) files in {path}")
         splits = [_read_clam_file(p, i) for i, p in enumerate(files)]
     elif not path.is_file():
         raise WsimilError(f"splits file {path} does not exist")
@@ -132,10 +140,30 @@ def read_splits(path: str | Path, manifest: Manifest | None = None) -> list[Spli
     return splits
 
 
+def _clam_fold_files(folder: Path, suffix: str) -> list[Path]:
+    """``splits_{k}{suffix}.csv`` in ``folder``, ordered by ``k`` (not ``_bool``/``_descriptor`` for suffix "")."""
+    pattern = re.compile(rf"splits_(\d+){suffix}\.csv")
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := pattern.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def _read_clam_file(path: Path, fold: int) -> Split:
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    df = df.drop(columns=[c for c in df.columns if c.startswith("Unnamed")])
-    parts = {c: [v for v in df[c] if v] if c in df.columns else [] for c in ("train", "val", "test")}
+    if path.stem.endswith("_descriptor"):
+        raise WsimilError(
+            f"{path} is a CLAM split descriptor (case counts per class), not a split; "
+            f"pass splits_{fold}.csv or the folder that holds it"
+        )
+    unnamed = [c for c in df.columns if c.startswith("Unnamed")]
+    values = {v.strip().lower() for c in ("train", "val", "test") if c in df.columns for v in df[c]}
+    if unnamed and values and values <= {"true", "false"}:  # CLAM's splits_{k}_bool.csv: ids in the index
+        ids = df[unnamed[0]]
+        parts = {c: list(ids[df[c].str.strip().str.lower() == "true"]) if c in df.columns else [] for c in SPLITS}
+        if not parts["train"] or not parts["test"]:
+            raise WsimilError(f"CLAM splits file {path} marks no slide True in 'train' or in 'test'")
+        return Split(0, fold, parts["train"], parts["val"], parts["test"])
+    df = df.drop(columns=unnamed)
+    parts = {c: [v for v in df[c] if v] if c in df.columns else [] for c in SPLITS}
     if not parts["train"] or not parts["test"]:
         raise WsimilError(f"CLAM splits file {path} needs non-empty 'train' and 'test' columns")
     return Split(0, fold, parts["train"], parts["val"], parts["test"])
@@ -149,8 +177,8 @@ def _split_from_column(ids: pd.Series, values: pd.Series, path: Path, fold: int 
         v = {"validation": "val", "valid": "val"}.get(v, v)
         if v in parts:
             parts[v].append(sid)
-        elif v not in ("", "none", "nan"):
-            bad.append(f"slide {sid!r}: split value {v!r} is not train/val/test")
+        elif v not in ("", "none", "nan", "-1"):  # -1: Patho-Bench's "not used in this fold"
+            bad.append(f"slide {sid!r}: split value {v!r} is not train/val/test (or -1 / empty for unused)")
     if bad:
         raise problems_error(f"splits {path} are invalid", bad)
     return Split(0, fold, parts["train"], parts["val"], parts["test"])

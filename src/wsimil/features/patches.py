@@ -17,6 +17,22 @@ import h5py
 import numpy as np
 import torch
 
+from wsimil.errors import WsimilError
+
+
+def level0_footprint(attrs) -> float | None:
+    """Exact level-0 side of a patch from ``coords`` attributes: wsimil's ``patch_size_level0_exact``, CLAM's
+    ``patch_size × downsample[patch_level]``, else TRIDENT's ``patch_size_level0`` (TRIDENT reads exactly that
+    many pixels); ``None`` when none is recorded. wsimil's own integer ``patch_size_level0`` is TRIDENT's nominal
+    value and is never used for geometry when the exact one is there."""
+    if attrs.get("patch_size_level0_exact") is not None:
+        return float(attrs["patch_size_level0_exact"])
+    if attrs.get("patch_level") is not None and attrs.get("downsample") is not None and "patch_size" in attrs:
+        ds = np.atleast_1d(np.asarray(attrs["downsample"], dtype=float))
+        return float(attrs["patch_size"]) * float(ds[0])
+    v = attrs.get("patch_size_level0")
+    return float(v) if v is not None else None
+
 
 @dataclass
 class PatchGrid:
@@ -37,10 +53,15 @@ class PatchGrid:
     def from_h5(cls, path: str | Path, slide_path: str | None = None) -> PatchGrid:
         with h5py.File(path, "r") as f:
             d = f["coords"]
-            attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in d.attrs.items()}
+            attrs = {k: (v.item() if np.ndim(v) == 0 and hasattr(v, "item") else v) for k, v in d.attrs.items()}
             coords = d[()].astype(np.int64)
             cells = f["grid_cells"][()] if "grid_cells" in f else None
-        step = float(attrs.get("patch_size_level0_exact", attrs["patch_size_level0"]))
+        step = level0_footprint(attrs)
+        if step is None:
+            raise WsimilError(
+                f"{path}: coords record no patch footprint (patch_size_level0, or CLAM's patch_size with "
+                "patch_level and downsample)"
+            )
         if cells is None:  # foreign (TRIDENT/CLAM) coordinates: cells from positions
             cells = np.round(coords / step).astype(np.int64)
         return cls(

@@ -32,8 +32,11 @@ class Bag:
 class FeatureStore:
     """A directory of feature bags, one file per slide.
 
-    ``root`` may be a TRIDENT ``features_{encoder}`` folder, a folder holding exactly one such folder, a CLAM
-    feature folder (with ``h5_files/`` or ``pt_files/``), or any folder of ``{slide_id}.h5`` / ``.pt`` files.
+    ``root`` may be a TRIDENT ``features_{encoder}`` folder, a folder holding exactly one such folder, a TRIDENT
+    job root whose one ``{mag}x_{ps}px_{ov}px_overlap/`` level holds features, a CLAM feature folder (with
+    ``h5_files/`` or ``pt_files/``), or any folder of ``{slide_id}.h5`` / ``.pt`` files. ``.pt`` files (CLAM's
+    tensors, TRIDENT's ``saveas='pt'`` numpy arrays) are read without unpickling code
+    (:func:`wsimil.checkpoint.safe_torch_load`).
     """
 
     def __init__(self, root: str | Path):
@@ -58,6 +61,14 @@ class FeatureStore:
         if len(enc_dirs) > 1:
             names = ", ".join(p.name for p in enc_dirs)
             raise WsimilError(f"{root} holds features of several encoders ({names}); pass one of those folders")
+        levels = sorted(p for p in root.glob("*x_*px_*px_overlap") if p.is_dir() and any(p.glob("features_*")))
+        if len(levels) == 1:
+            return FeatureStore._detect(levels[0])
+        if len(levels) > 1:
+            names = ", ".join(f"{p.name}/{e.name}" for p in levels for e in sorted(p.glob("features_*")))
+            raise WsimilError(
+                f"{root} is a TRIDENT job with features at several magnifications/patch sizes; pass one of: {names}"
+            )
         raise WsimilError(
             f"no feature files in {root}: expected {{slide_id}}.h5 files (TRIDENT features_{{encoder}}/), "
             "or CLAM's h5_files/ or pt_files/"
@@ -89,17 +100,18 @@ class FeatureStore:
     def read(self, slide_id: str) -> Bag:
         path = self.path(slide_id)
         if self.ext == ".pt":
-            import torch
+            from wsimil.checkpoint import safe_torch_load
 
-            try:
-                t = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-                raise WsimilError(f"slide {slide_id!r}: cannot read {path}: {e}") from e
+            t = safe_torch_load(path, f"feature file of slide {slide_id!r}")
             if isinstance(t, dict):
                 t = t.get("features")
-            if not hasattr(t, "shape"):
-                raise WsimilError(f"slide {slide_id!r}: {path} does not hold a feature tensor")
-            feats = np.asarray(t.float().numpy() if hasattr(t, "numpy") else t, dtype=np.float32)
+            if hasattr(t, "detach"):  # a tensor (CLAM); TRIDENT's saveas='pt' stores a numpy array
+                t = t.detach().float().numpy()
+            if not isinstance(t, np.ndarray) or t.dtype.kind not in "fiu":
+                raise WsimilError(
+                    f"slide {slide_id!r}: {path} holds a {type(t).__name__}, not a numeric (N, D) feature array"
+                )
+            feats = np.asarray(t, dtype=np.float32)
             _bag_shape(slide_id, path, feats.shape)
             return Bag(slide_id, feats.reshape(-1, feats.shape[-1]))
         try:

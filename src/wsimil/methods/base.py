@@ -71,6 +71,8 @@ class TrainingMethod:
     label_column: str | None = None
     #: TrainConfig fields whose default this method changes (e.g. WENO: SGD, lr 1e-3); a value the user sets wins
     config_defaults: dict[str, Any] = {}
+    #: True when ``cfg.model_kwargs`` configure the method's own network (HMIL, WENO), not the registry model
+    owns_model_kwargs: bool = False
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -183,6 +185,13 @@ def method_config_defaults(name: str) -> dict[str, Any]:
     _load_builtin()
     cls = _METHODS.get(name)
     return dict(cls.config_defaults) if cls is not None else {}
+
+
+def method_owns_model_kwargs(name: str) -> bool:
+    """Whether method ``name`` passes ``model_kwargs`` to its own network rather than to ``create_model``."""
+    _load_builtin()
+    cls = _METHODS.get(name)
+    return bool(cls is not None and cls.owns_model_kwargs)
 
 
 def _load_builtin() -> None:

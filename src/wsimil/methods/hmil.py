@@ -274,6 +274,8 @@ def contrast_temperature(epoch: int, epochs: int, kind: str = "constant", low: f
 class HMIL(TrainingMethod):
     """HMIL: two-level class-wise attention, bag/attention alignment, SupCon, curriculum weights (fine_label)."""
 
+    owns_model_kwargs = True  # model_kwargs configure the method's own network
+
     label_column = "fine_label"
     #: ``results.json`` also reports ``metrics`` (the fine level) as ``metrics_fine``
     primary_head = "fine"

@@ -101,6 +101,8 @@ def hard_positive_keep(
 class WENO(TrainingMethod):
     """WENO: teacher (abmil|dsmil via --model) and instance student distil each other through a shared encoder."""
 
+    owns_model_kwargs = True  # model_kwargs configure the method's own network
+
     defaults: dict[str, Any] = {
         "warmup": 10,  # epochs before the student mines positive bags for the teacher
         "mining": "threshold",  # threshold | lowest | none

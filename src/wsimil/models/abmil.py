@@ -73,11 +73,11 @@ class ABMIL(MILModel):
         return out, s.masked_fill(~m, float("-inf"))
 
 
-@register_model("abmil")
+@register_model("abmil", options_of=ABMIL)
 def abmil(in_dim: int, n_classes: int, **kw) -> MILModel:
     return ABMIL(in_dim, n_classes, gated=False, **kw)
 
 
-@register_model("gated_abmil")
+@register_model("gated_abmil", options_of=ABMIL)
 def gated_abmil(in_dim: int, n_classes: int, **kw) -> MILModel:
     return ABMIL(in_dim, n_classes, gated=True, **kw)

@@ -63,11 +63,20 @@ class MILModel(nn.Module):
 _REGISTRY: dict[str, Callable[..., MILModel]] = {}
 
 
-def register_model(name: str) -> Callable[[Callable[..., MILModel]], Callable[..., MILModel]]:
+_OPTIONS_OF: dict[str, Callable] = {}
+
+
+def register_model(
+    name: str, options_of: Callable | None = None
+) -> Callable[[Callable[..., MILModel]], Callable[..., MILModel]]:
+    """Register a factory ``fn(in_dim, n_classes, **options)``; ``options_of`` names the class whose constructor
+    defines the options when the factory forwards ``**kw`` (so configs can tell which options a model takes)."""
+
     def deco(fn: Callable[..., MILModel]) -> Callable[..., MILModel]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
         _REGISTRY[name] = fn
+        _OPTIONS_OF[name] = options_of or fn
         return fn
 
     return deco
@@ -75,6 +84,16 @@ def register_model(name: str) -> Callable[[Callable[..., MILModel]], Callable[..
 
 def list_models() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def model_options(name: str) -> set[str] | None:
+    """Keyword options the constructor of model ``name`` accepts (``None`` when it takes ``**kwargs``)."""
+    import inspect
+
+    params = inspect.signature(_OPTIONS_OF[name]).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.name not in ("self", "in_dim", "n_classes")}
 
 
 def create_model(name: str, in_dim: int, n_classes: int, **kwargs) -> MILModel:

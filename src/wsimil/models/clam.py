@@ -120,11 +120,11 @@ class CLAM(MILModel):
         }
 
 
-@register_model("clam_sb")
+@register_model("clam_sb", options_of=CLAM)
 def clam_sb(in_dim: int, n_classes: int, **kw) -> MILModel:
     return CLAM(in_dim, n_classes, multi_branch=False, **kw)
 
 
-@register_model("clam_mb")
+@register_model("clam_mb", options_of=CLAM)
 def clam_mb(in_dim: int, n_classes: int, **kw) -> MILModel:
     return CLAM(in_dim, n_classes, multi_branch=True, **kw)

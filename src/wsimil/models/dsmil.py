@@ -91,6 +91,6 @@ class DSMIL(MILModel):
         return {"bag_stream": F.cross_entropy(bag_logits, y), "max_instance": F.cross_entropy(max_logits, y)}
 
 
-@register_model("dsmil")
+@register_model("dsmil", options_of=DSMIL)
 def dsmil(in_dim: int, n_classes: int, **kw) -> MILModel:
     return DSMIL(in_dim, n_classes, **kw)

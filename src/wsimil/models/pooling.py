@@ -49,11 +49,11 @@ class MaxPoolMIL(MILModel):
         return MILOutput(logits=logits, bag_embedding=z, instance_logits=s)
 
 
-@register_model("mean")
+@register_model("mean", options_of=MeanPoolMIL)
 def mean_pool(in_dim: int, n_classes: int, **kw) -> MILModel:
     return MeanPoolMIL(in_dim, n_classes, **kw)
 
 
-@register_model("max")
+@register_model("max", options_of=MaxPoolMIL)
 def max_pool(in_dim: int, n_classes: int, **kw) -> MILModel:
     return MaxPoolMIL(in_dim, n_classes, **kw)

@@ -170,6 +170,6 @@ def _to_input_positions(t: Tensor, order: Tensor, m: Tensor) -> Tensor:
     return out.masked_fill(~m[:, None, :], 0.0)
 
 
-@register_model("transmil")
+@register_model("transmil", options_of=TransMIL)
 def transmil(in_dim: int, n_classes: int, **kw) -> MILModel:
     return TransMIL(in_dim, n_classes, **kw)

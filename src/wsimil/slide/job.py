@@ -29,10 +29,10 @@ from wsimil import __version__
 from wsimil.errors import WsimilError
 from wsimil.io import atomic_path, write_csv, write_yaml
 from wsimil.slide.reader import open_slide
-from wsimil.slide.tiling import GridLevel, mag_name, nested_grids
+from wsimil.slide.tiling import GridLevel, mag_name, nested_grids, nominal_magnification, nominal_patch_size_level0
 from wsimil.slide.tissue import TissueParams, detect_tissue, tissue_contours
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: nominal patch_size_level0/level0_magnification; min_tissue 0 = touches tissue
 QC_MAX_SIDE = 1024
 SLIDE_EXTENSIONS = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu"}
 
@@ -119,9 +119,10 @@ def _grid_attrs(slide, grid: GridLevel, settings: TileSettings, others: list[str
     read_level = slide.best_level(grid.target_mpp)
     return {
         "patch_size": grid.patch_size,
-        "patch_size_level0": int(round(grid.patch_size_level0)),
+        # TRIDENT's nominal values (what Patho-Bench compares across a patient's slides); geometry: *_exact, mpp_level0
+        "patch_size_level0": nominal_patch_size_level0(grid.patch_size, grid.mag, slide.mpp),
         "patch_size_level0_exact": float(grid.patch_size_level0),
-        "level0_magnification": float(10.0 / slide.mpp),
+        "level0_magnification": nominal_magnification(slide.mpp) or float(10.0 / slide.mpp),
         "target_magnification": float(grid.mag),
         "overlap": 0,
         "name": slide.slide_id,

@@ -4,8 +4,14 @@ Magnification ``m`` means ``10/m`` µm/px (20× = 0.5, 5× = 2.0). A patch of ``
 ``ps · (10/m) / mpp0`` level-0 pixels (not rounded). The finest magnification defines the base grid with step
 ``s``; a coarser magnification ``m_lo`` uses step ``f·s`` with ``f = m_hi/m_lo`` (an integer) from the same
 origin, so each of its cells holds exactly ``f²`` base cells and shares its top-left with the first of them.
-Coordinates are level-0 top-left corners, rounded to integers. A cell becomes a patch when at least
-``min_tissue`` of its footprint is tissue.
+Coordinates are level-0 top-left corners, rounded to integers. A cell becomes a patch when it touches tissue and
+at least ``min_tissue`` of its footprint is tissue (so ``min_tissue = 0`` keeps every cell that touches tissue,
+as TRIDENT's ``min_tissue_proportion 0``, never pure background).
+
+TRIDENT and Patho-Bench describe a grid by *nominal* values: the level-0 magnification snapped to a bucket
+(:func:`nominal_magnification`, 0.2527 µm/px counts as 40×) and ``patch_size_level0 = patch_size · level0 mag /
+target mag`` (:func:`nominal_patch_size_level0`). wsimil writes those for compatibility; its own geometry always
+uses the exact footprint (``patch_size_level0_exact``).
 
 ``links[r, b·f + a]`` is the index (in the high-magnification patch list) of the child cell at column offset
 ``a`` and row offset ``b`` of low-magnification patch ``r``, or −1 when that cell is not a tissue patch.
@@ -24,6 +30,23 @@ def mag_to_mpp(mag: float) -> float:
 
 def mag_name(mag: float) -> str:
     return f"{mag:g}x"
+
+
+#: TRIDENT's µm/px → objective buckets: below each bound the slide counts as that magnification
+_MAG_BUCKETS = ((0.16, 80), (0.2, 60), (0.3, 40), (0.6, 20), (1.2, 10), (2.4, 5))
+
+
+def nominal_magnification(mpp0: float) -> int | None:
+    """The objective magnification TRIDENT assigns to a slide of ``mpp0`` µm/px (``None`` beyond 2.4 µm/px)."""
+    return next((mag for bound, mag in _MAG_BUCKETS if mpp0 < bound), None)
+
+
+def nominal_patch_size_level0(patch_size: int, mag: float, mpp0: float) -> int:
+    """TRIDENT's integer ``patch_size_level0`` (equal for a 0.25 and a 0.2527 µm/px slide); the rounded exact
+    footprint when ``mpp0`` has no magnification bucket."""
+    nominal = nominal_magnification(mpp0)
+    exact = patch_size * mag_to_mpp(mag) / mpp0
+    return int(round(patch_size * nominal / mag)) if nominal else int(round(exact))
 
 
 @dataclass
@@ -87,7 +110,7 @@ def nested_grids(
         ii, jj = ii.ravel(), jj.ravel()
         x, y = ii * step, jj * step
         frac = box_mean(integral, x / mask_downsample, y / mask_downsample, step / mask_downsample)
-        keep = frac >= min_tissue
+        keep = (frac >= min_tissue) & (frac > 0)  # min_tissue 0: touches tissue, never pure background
         coords = np.stack([np.round(x[keep]), np.round(y[keep])], 1).astype(np.int64)
         cells = np.stack([ii[keep], jj[keep]], 1).astype(np.int64)
         grids[m] = GridLevel(m, patch_size, step, coords, cells, (cols, rows))
