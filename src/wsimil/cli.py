@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from wsimil.errors import WsimilError
+from wsimil.errors import WsimilError, one_line_warnings
 
 app = typer.Typer(
     add_completion=False,
@@ -38,6 +38,7 @@ def _user_errors(fn):
     def wrapper(*args, **kwargs):
         from wsimil.progress import console
 
+        one_line_warnings()
         try:
             return fn(*args, **kwargs)
         except WsimilError as e:
@@ -401,7 +402,8 @@ def predict(
             overwrite=overwrite,
             folds=fold or None,
         )
-    console.print(f"Predictions: {out / 'predictions.csv'}  per-patch scores: {out / 'scores'}", soft_wrap=True)
+    if (table["status"] != "failed").any():  # else predictions.csv holds only a header
+        console.print(f"Predictions: {out / 'predictions.csv'}  per-patch scores: {out / 'scores'}", soft_wrap=True)
     _report_batch(table, "Predicted", out, out / "status.csv")
 
 

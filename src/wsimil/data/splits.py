@@ -37,9 +37,8 @@ def _check_k(manifest: Manifest, k: int, what: str) -> None:
         raise WsimilError(f"{what} needs at least 2 folds, got {k}")
     if smallest < k:
         name = manifest.classes[int(per_class.idxmin())]
-        raise WsimilError(
-            f"cannot make {k} stratified {what}: class {name!r} has only {smallest} case(s); use fewer folds"
-        )
+        fix = f"use --folds {smallest} or fewer" if smallest >= 2 else "each class needs at least 2 cases"
+        raise WsimilError(f"cannot make {k} stratified {what}: class {name!r} has only {smallest} case(s); {fix}")
 
 
 def kfold_splits(
@@ -57,15 +56,15 @@ def kfold_splits(
         for f, (tr, te) in enumerate(outer.split(ids, y, groups)):
             val_idx = np.array([], dtype=int)
             if val_fraction > 0:
-                n_groups = len(set(groups[tr]))
-                if n_groups < 2:
-                    raise WsimilError(
-                        f"fold {f} has {n_groups} training case(s), too few to carve a validation "
-                        f"part; set val_fraction to 0 or use fewer folds"
-                    )
                 # small cohorts: at least one case goes to validation even if that is more than val_fraction
                 # (scikit-learn needs the largest class to have at least n_splits cases)
                 largest = int(pd.Series(groups[tr]).groupby(y[tr]).nunique().max())
+                if largest < 2:
+                    raise WsimilError(
+                        f"with {k} folds, fold {f}'s training part has {len(set(groups[tr]))} case(s), at most one "
+                        "per class: too few to also hold out a validation part; set val_fraction to 0 "
+                        "(--val-fraction 0: no early stopping, the last epoch is kept) or add slides"
+                    )
                 n_inner = max(2, min(round(1 / val_fraction), largest))
                 inner = StratifiedGroupKFold(n_splits=n_inner, shuffle=True, random_state=seed + 1000 * (r + 1) + f)
                 with warnings.catch_warnings():  # small classes: stratification is best effort here

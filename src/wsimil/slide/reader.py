@@ -8,7 +8,10 @@ the backend's normalised property (``openslide.mpp-x`` / ``tiffslide.mpp-x``), t
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -210,12 +213,15 @@ class TiffSlideReader(SlideReader):
     def _open(self) -> None:
         import tiffslide
 
+        _quiet_zarr_async()
         try:
-            self._s = tiffslide.TiffSlide(str(self.path))
+            with _slide_log_prefix(self.slide_id):
+                self._s = tiffslide.TiffSlide(str(self.path))
+                # tiffslide parses lazily: a damaged file fails here, not in the constructor
+                self.level_dimensions = [tuple(d) for d in self._s.level_dimensions]
+                self.level_downsamples = [float(d) for d in self._s.level_downsamples]
         except Exception as e:  # noqa: BLE001
-            raise WsimilError(f"slide {self.slide_id!r}: tiffslide cannot open {self.path}: {e}") from e
-        self.level_dimensions = [tuple(d) for d in self._s.level_dimensions]
-        self.level_downsamples = [float(d) for d in self._s.level_downsamples]
+            raise WsimilError(f"slide {self.slide_id!r}: tiffslide cannot open {self.path}: {_one_line(e)}") from e
 
     @property
     def properties(self) -> dict[str, str]:
@@ -223,9 +229,13 @@ class TiffSlideReader(SlideReader):
 
     def _read(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
         try:
-            img = self._s.read_region((x, y), level, (w, h), as_array=True)
+            with _slide_log_prefix(self.slide_id):
+                img = self._s.read_region((x, y), level, (w, h), as_array=True)
         except Exception as e:  # noqa: BLE001
-            raise WsimilError(f"slide {self.slide_id!r}: read at ({x}, {y}) level {level} failed: {e}") from e
+            raise WsimilError(
+                f"slide {self.slide_id!r}: read at ({x}, {y}) level {level} failed: {_one_line(e)} "
+                "(damaged or truncated file?)"
+            ) from e
         img = _rgba_to_rgb(np.asarray(img))
         # outside the image tiffslide returns black, OpenSlide transparent (= white here): match OpenSlide
         lw, lh = self.level_dimensions[level]
@@ -242,6 +252,55 @@ class TiffSlideReader(SlideReader):
 
     def close(self) -> None:
         self._s.close()
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+class _ZarrTaskNoise(logging.Filter):
+    """Drops asyncio's reports about zarr's read tasks. When one tile of a read fails to decode, zarr's gather
+    raises that error (reported per slide) and leaves its sibling tasks pending; asyncio then logs each one as
+    "Task was destroyed but it is pending!" or "Task exception was never retrieved", with tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "zarr" not in record.getMessage()
+
+
+_ZARR_QUIET = False
+
+
+def _quiet_zarr_async() -> None:
+    """Silence the noise of failed tiffslide reads at its source (once per process, also in worker processes)."""
+    global _ZARR_QUIET
+    if _ZARR_QUIET:
+        return
+    logging.getLogger("asyncio").addFilter(_ZarrTaskNoise())
+    warnings.filterwarnings("ignore", r"coroutine 'concurrent_map.* was never awaited", RuntimeWarning)
+    _ZARR_QUIET = True
+
+
+class _SlidePrefix(logging.Filter):
+    def __init__(self, slide_id: str):
+        super().__init__()
+        self.slide_id = slide_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = f"slide {self.slide_id!r}: tifffile: {record.getMessage()}", None
+        return True
+
+
+@contextlib.contextmanager
+def _slide_log_prefix(slide_id: str):
+    """Name the slide in tifffile's one-line log messages (e.g. ``invalid page offset`` in a truncated file)."""
+    log = logging.getLogger("tifffile")
+    f = _SlidePrefix(slide_id)
+    log.addFilter(f)
+    try:
+        yield
+    finally:
+        log.removeFilter(f)
 
 
 READERS: dict[str, type[SlideReader]] = {"openslide": OpenSlideReader, "tiffslide": TiffSlideReader}
