@@ -8,9 +8,11 @@ the backend's normalised property (``openslide.mpp-x`` / ``tiffslide.mpp-x``), t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
+import traceback
 import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -232,6 +234,7 @@ class TiffSlideReader(SlideReader):
             with _slide_log_prefix(self.slide_id):
                 img = self._s.read_region((x, y), level, (w, h), as_array=True)
         except Exception as e:  # noqa: BLE001
+            _drain_zarr_tasks()
             raise WsimilError(
                 f"slide {self.slide_id!r}: read at ({x}, {y}) level {level} failed: {_one_line(e)} "
                 "(damaged or truncated file?)"
@@ -260,25 +263,53 @@ def _one_line(e: BaseException) -> str:
 
 
 class _ZarrTaskNoise(logging.Filter):
-    """Drops asyncio's reports about zarr's read tasks. When one tile of a read fails to decode, zarr's gather
-    raises that error (reported per slide) and leaves its sibling tasks pending; asyncio then logs each one as
-    "Task was destroyed but it is pending!" or "Task exception was never retrieved", with tracebacks."""
+    """Drops asyncio's reports about zarr's read tasks ("Task was destroyed but it is pending!", "... exception was
+    never retrieved", each with a traceback): the failed read itself is reported once, per slide."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "zarr" not in record.getMessage()
+        if "zarr" in record.getMessage():
+            return False
+        tb = record.exc_info[2] if record.exc_info else None
+        return not (tb and any("zarr" in f.filename for f in traceback.extract_tb(tb)))
 
 
 _ZARR_QUIET = False
 
 
 def _quiet_zarr_async() -> None:
-    """Silence the noise of failed tiffslide reads at its source (once per process, also in worker processes)."""
+    """Install the filter above (once per process, so also in worker processes)."""
     global _ZARR_QUIET
     if _ZARR_QUIET:
         return
     logging.getLogger("asyncio").addFilter(_ZarrTaskNoise())
     warnings.filterwarnings("ignore", r"coroutine 'concurrent_map.* was never awaited", RuntimeWarning)
     _ZARR_QUIET = True
+
+
+def _drain_zarr_tasks() -> None:
+    """After a failed tiffslide read, cancel and await the tile reads zarr left pending on its event loop.
+
+    zarr decodes a region's tiles in concurrent tasks and raises the first error; the others stay pending and, when
+    collected or at exit, print hundreds of lines ("Task was destroyed but it is pending!", "Event loop is closed").
+    wsimil reads one region at a time per process, so every pending task on that loop belongs to the failed read."""
+    try:
+        from zarr.core import sync as zarr_sync
+
+        loop = zarr_sync.loop[0]
+    except (ImportError, AttributeError, IndexError):
+        return
+    if loop is None or loop.is_closed():
+        return
+
+    async def drain() -> None:
+        me = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    with contextlib.suppress(Exception):  # best effort: the read error is what gets reported
+        asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout=30)
 
 
 class _SlidePrefix(logging.Filter):
