@@ -257,3 +257,25 @@ def test_warnings_print_as_one_line():
     finally:
         w.formatwarning = old
     assert warnings.formatwarning is old
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--slides", "0"], "--slides must be at least 2"),
+        (["--width", "10"], "--width and --height must be at least 512 pixels"),
+        (["--mpp", "0"], "--mpp must be in 0.1–2.0 µm/px"),
+        (["--tumor-fraction", "2"], "--tumor-fraction is a share of the tissue in [0, 0.3]"),
+        (["--task", "segmentation"], "--task must be one of classification, hierarchical, survival"),
+    ],
+)
+def test_bad_synth_options_are_refused(tmp_path, option, message):
+    _fails(["synth", "--out", str(tmp_path / "c"), *option], message)
+    assert not (tmp_path / "c").exists()
+
+
+def test_slide_table_with_a_bad_mpp(slide_dir, tmp_path):
+    (tmp_path / "s.csv").write_text(f"path,mpp\n{slide_dir / 's20.svs'},abc\n")
+    args = ["tile", "--slides", str(tmp_path / "s.csv"), "--out", str(tmp_path / "job"), "--mag", "20"]
+    _fails(args, "'mpp' of s20.svs is 'abc', not a number")
+    assert not (tmp_path / "job").exists()

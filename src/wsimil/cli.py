@@ -214,10 +214,9 @@ def synth(
 ) -> None:
     """Write a synthetic cohort of pyramidal slides with tumour masks (for demos, tests and benchmarks)."""
     from wsimil.progress import console
-    from wsimil.slide.synth import TASKS, make_cohort
+    from wsimil.slide.synth import check_cohort_options, make_cohort
 
-    if task not in TASKS:
-        raise WsimilError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    check_cohort_options(slides, width, height, mpp, tumor_fraction, task)
     make_cohort(
         out, slides, seed, width, height, mpp, app_mag=int(round(10 / mpp)), tumor_fraction=tumor_fraction, task=task
     )

@@ -131,7 +131,11 @@ def collect_slides(spec: str | Path) -> list[SlideSpec]:
             path = Path(r["path"])
             if not path.is_absolute():
                 path = (p.parent / path).resolve()
-            mpp = float(r["mpp"]) if "mpp" in df.columns and r["mpp"].strip() else None
+            mpp = r["mpp"].strip() if "mpp" in df.columns else ""
+            try:
+                mpp = float(mpp) if mpp else None
+            except ValueError:
+                raise WsimilError(f"slide table {p}: 'mpp' of {path.name} is {mpp!r}, not a number (µm/px)") from None
             extra = {k: v for k, v in r.items() if k not in ("slide_id", "path", "mpp")}
             for k in ("tumor_mask",):  # paths relative to the table
                 if extra.get(k) and not Path(extra[k]).is_absolute():
