@@ -51,7 +51,10 @@ def test_train_four_slides_two_folds(tmp_path):
     _bags(tmp_path / "f", 4)
     base = ["train", "--features", str(tmp_path / "f"), "--out", str(tmp_path / "r"), "--epochs", "1"]
     m = _manifest(tmp_path / "m.csv", 4)
-    _fails([*base, "--manifest", str(m)], "cannot make 5 stratified folds", "use --folds 2 or fewer")
+    _fails(
+        [*base, "--manifest", str(m)],
+        "cannot make 5 stratified folds: class '0' has only 2 case(s); use --folds 2 or fewer with --val-fraction 0",
+    )
     _fails(
         [*base, "--manifest", str(m), "--folds", "2"],
         "with 2 folds, fold 0's training part has 2 case(s), at most one per class",

@@ -30,7 +30,7 @@ class Split:
     test: list[str] = field(default_factory=list)
 
 
-def _check_k(manifest: Manifest, k: int, what: str) -> None:
+def _check_k(manifest: Manifest, k: int, what: str, val_fraction: float = 0.0) -> None:
     per_class = pd.Series(manifest.groups).groupby(manifest.labels).nunique()
     smallest = int(per_class.min())
     if k < 2:
@@ -38,6 +38,9 @@ def _check_k(manifest: Manifest, k: int, what: str) -> None:
     if smallest < k:
         name = manifest.classes[int(per_class.idxmin())]
         fix = f"use --folds {smallest} or fewer" if smallest >= 2 else "each class needs at least 2 cases"
+        # with that many folds, would a training part still hold 2 cases of some class for the validation split?
+        if smallest >= 2 and val_fraction > 0 and int((per_class - np.ceil(per_class / smallest)).max()) < 2:
+            fix += " with --val-fraction 0 (too few cases to also hold out a validation part)"
         raise WsimilError(f"cannot make {k} stratified {what}: class {name!r} has only {smallest} case(s); {fix}")
 
 
@@ -47,7 +50,7 @@ def kfold_splits(
     """``k`` folds × ``repeats``; each repeat reshuffles with seed ``seed + repeat``."""
     if not 0 <= val_fraction < 1:
         raise WsimilError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    _check_k(manifest, k, "folds")
+    _check_k(manifest, k, "folds", val_fraction)
     ids = np.asarray(manifest.slide_ids)
     y, groups = manifest.labels, manifest.groups
     splits = []
