@@ -225,7 +225,7 @@ def test_no_module_unpickles():
                 if isinstance(base, ast.Name) and base.id in ("torch", "pickle"):
                     kw = {k.arg: k.value for k in node.keywords}
                     safe = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
-                    if base.id == "pickle" or not safe:
+                    if base.id == "pickle" or not safe or path.name != "checkpoint.py":
                         offenders.append(f"{path.relative_to(SRC)}:{node.lineno}")
             bad_kw = isinstance(node, ast.keyword) and node.arg == "weights_only"
             if bad_kw and isinstance(node.value, ast.Constant) and node.value.value is not True:

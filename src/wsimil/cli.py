@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from wsimil.errors import WsimilError
+from wsimil.errors import WsimilError, one_line_warnings
 
 app = typer.Typer(
     add_completion=False,
@@ -39,6 +39,7 @@ def _user_errors(fn):
     def wrapper(*args, **kwargs):
         from wsimil.progress import console
 
+        one_line_warnings()
         try:
             return fn(*args, **kwargs)
         except WsimilError as e:
@@ -243,10 +244,9 @@ def synth(
 ) -> None:
     """Write a synthetic cohort of pyramidal slides with tumour masks (for demos, tests and benchmarks)."""
     from wsimil.progress import console
-    from wsimil.slide.synth import TASKS, make_cohort
+    from wsimil.slide.synth import check_cohort_options, make_cohort
 
-    if task not in TASKS:
-        raise WsimilError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    check_cohort_options(slides, width, height, mpp, tumor_fraction, task)
     make_cohort(
         out, slides, seed, width, height, mpp, app_mag=int(round(10 / mpp)), tumor_fraction=tumor_fraction, task=task
     )
@@ -433,7 +433,8 @@ def predict(
             folds=fold or None,
             expect_sha256=expect_sha256,
         )
-    console.print(f"Predictions: {out / 'predictions.csv'}  per-patch scores: {out / 'scores'}", soft_wrap=True)
+    if (table["status"] != "failed").any():  # else predictions.csv holds only a header
+        console.print(f"Predictions: {out / 'predictions.csv'}  per-patch scores: {out / 'scores'}", soft_wrap=True)
     _report_batch(table, "Predicted", out, out / "status.csv")
 
 

@@ -13,3 +13,16 @@ def problems_error(title: str, problems: list[str], limit: int = 50) -> WsimilEr
     if len(problems) > limit:
         lines.append(f"  ... and {len(problems) - limit} more")
     return WsimilError("\n".join(lines))
+
+
+def one_line_warnings() -> None:
+    """Print every warning as one line, ``Warning: message`` (the CLI's format; Python's default adds the source
+    file, line number and a line of code, which mean nothing to a user)."""
+    import warnings
+
+    def fmt(message, category, *args, **kwargs) -> str:
+        kind = "" if category is UserWarning else f" ({category.__name__})"
+        text = " ".join(str(message).split())
+        return f"Warning{kind}: {text}\n"
+
+    warnings.formatwarning = fmt

@@ -219,8 +219,10 @@ def predict_slides(
     from wsimil.features.extract import features_dir, run_extraction
     from wsimil.features.store import FeatureStore
     from wsimil.lrmil.bundle import is_lrmil_bundle, predict_to_folder
-    from wsimil.slide.job import run_tiling
+    from wsimil.slide.job import collect_slides, run_tiling
 
+    if backend not in ("local", "ray"):
+        raise WsimilError(f"unknown backend {backend!r}; choose local or ray")
     if expect_sha256 is not None:
         verify_bundle_digest(bundle.path if isinstance(bundle, Bundle) else bundle, expect_sha256)
     if not isinstance(bundle, Bundle) and is_lrmil_bundle(bundle):
@@ -234,10 +236,12 @@ def predict_slides(
     assert b.tiling is not None
     out = Path(out)
     dev = resolve_device(device)
+    slides = collect_slides(slides) if not isinstance(slides, list) else slides  # a bad --slides first
     members = b.load_models(dev, folds)
     job = out / "job"
     tiling = b.tile_settings(mpp=mpp)
     st = b.extract_settings(dev, encoder_weights, batch_size=batch_size)
+    st.validate()
     encoder = b.build_encoder(encoder_weights) if backend == "local" else None
     console.print(
         f"Predicting with {b.model if b.method == 'supervised' else b.method} ({len(members)} model"
@@ -317,8 +321,9 @@ def predict_features(
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     out = Path(out)
     dev = resolve_device(device)
-    members = b.load_models(dev, folds)
     store = FeatureStore(features)
+    _check_widths(store, b)
+    members = b.load_models(dev, folds)
     rows, status = [], []
     for sid in store.slide_ids():
         t0 = time.perf_counter()
@@ -337,6 +342,27 @@ def predict_features(
             status.append({"slide_id": sid, "status": "failed", "stage": "predict", "error": str(e)})
         status[-1]["seconds"] = round(time.perf_counter() - t0, 3)
     return _finish(out, rows, status, b)
+
+
+def _check_widths(store, b: Bundle) -> None:
+    """Refuse a feature folder in which no bag has the bundle's width (another encoder's features) before anything
+    is loaded or written; a few odd bags among good ones fail alone, slide by slide. HDF5 widths are read from
+    the file headers; of ``.pt`` bags (loaded whole) only the first is checked."""
+    ids = store.slide_ids()
+    widths: dict[int, int] = {}
+    for sid in ids if store.ext == ".h5" else ids[:1]:
+        try:
+            d = store.shape(sid)[1]
+        except WsimilError:
+            continue  # an unreadable bag fails alone below
+        widths[d] = widths.get(d, 0) + 1
+    if widths and b.in_dim not in widths:
+        found = ", ".join(f"{d}-d ({n} bag{'s' if n != 1 else ''})" for d, n in sorted(widths.items()))
+        enc = f" from encoder {b.encoder.name!r}" if b.encoder else ""
+        raise WsimilError(
+            f"features in {store.dir} are {found}, but bundle {b.path} expects {b.in_dim}-d features{enc}; "
+            "extract them with the bundle's encoder (or predict from --slides)"
+        )
 
 
 def _patch_size_level0(path: Path) -> float | None:

@@ -67,8 +67,12 @@ def test_extract_cli_writes_trident_features_and_resumes(job, tmp_path):
 
 
 def test_extract_reports_missing_magnification(job):
+    """A magnification the job was not tiled at is refused up front, naming the grids it has; nothing is written."""
     res = runner.invoke(app, ["extract", "--job", str(job), "--mag", "10", "--encoder", "resnet18"])
-    assert res.exit_code == 1 and "no 10x patches" in res.output
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert "has no 10x patches of 256 px: it holds 20x (256 px), 5x (256 px)" in res.output.replace("\n", "")
+    assert "Warning" not in res.output  # the encoder was never built
+    assert not (job / "10x_256px_0px_overlap").exists()
     res = runner.invoke(app, ["extract", "--job", str(job.parent), "--mag", "5", "--encoder", "resnet18"])
     assert res.exit_code == 2 and "is not a tiling job" in res.output
 

@@ -58,7 +58,7 @@ def test_three_magnifications_and_non_nesting():
     assert set(links) == {(10.0, 20.0), (5.0, 20.0)}
     assert links[(10.0, 20.0)].shape[1] == 4 and links[(5.0, 20.0)].shape[1] == 16
     assert (links[(5.0, 20.0)] >= 0).all()  # full tissue: every child present
-    with pytest.raises(ValueError, match="must nest"):
+    with pytest.raises(ValueError, match="do not nest"):
         nested_grids((1000, 1000), 0.25, [20, 7], 256, mask, 64.0)
 
 

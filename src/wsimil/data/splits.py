@@ -38,16 +38,18 @@ class Split:
     test: list[str] = field(default_factory=list)
 
 
-def _check_k(manifest: Manifest, k: int, what: str) -> None:
+def _check_k(manifest: Manifest, k: int, what: str, val_fraction: float = 0.0) -> None:
     per_class = pd.Series(manifest.groups).groupby(manifest.labels).nunique()
     smallest = int(per_class.min())
     if k < 2:
         raise WsimilError(f"{what} needs at least 2 folds, got {k}")
     if smallest < k:
         name = manifest.classes[int(per_class.idxmin())]
-        raise WsimilError(
-            f"cannot make {k} stratified {what}: class {name!r} has only {smallest} case(s); use fewer folds"
-        )
+        fix = f"use --folds {smallest} or fewer" if smallest >= 2 else "each class needs at least 2 cases"
+        # with that many folds, would a training part still hold 2 cases of some class for the validation split?
+        if smallest >= 2 and val_fraction > 0 and int((per_class - np.ceil(per_class / smallest)).max()) < 2:
+            fix += " with --val-fraction 0 (too few cases to also hold out a validation part)"
+        raise WsimilError(f"cannot make {k} stratified {what}: class {name!r} has only {smallest} case(s); {fix}")
 
 
 def kfold_splits(
@@ -56,7 +58,7 @@ def kfold_splits(
     """``k`` folds × ``repeats``; each repeat reshuffles with seed ``seed + repeat``."""
     if not 0 <= val_fraction < 1:
         raise WsimilError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    _check_k(manifest, k, "folds")
+    _check_k(manifest, k, "folds", val_fraction)
     ids = np.asarray(manifest.slide_ids)
     y, groups = manifest.labels, manifest.groups
     splits = []
@@ -65,15 +67,15 @@ def kfold_splits(
         for f, (tr, te) in enumerate(outer.split(ids, y, groups)):
             val_idx = np.array([], dtype=int)
             if val_fraction > 0:
-                n_groups = len(set(groups[tr]))
-                if n_groups < 2:
-                    raise WsimilError(
-                        f"fold {f} has {n_groups} training case(s), too few to carve a validation "
-                        f"part; set val_fraction to 0 or use fewer folds"
-                    )
                 # small cohorts: at least one case goes to validation even if that is more than val_fraction
                 # (scikit-learn needs the largest class to have at least n_splits cases)
                 largest = int(pd.Series(groups[tr]).groupby(y[tr]).nunique().max())
+                if largest < 2:
+                    raise WsimilError(
+                        f"with {k} folds, fold {f}'s training part has {len(set(groups[tr]))} case(s), at most one "
+                        "per class: too few to also hold out a validation part; set val_fraction to 0 "
+                        "(--val-fraction 0: no early stopping, the last epoch is kept) or add slides"
+                    )
                 n_inner = max(2, min(round(1 / val_fraction), largest))
                 inner = StratifiedGroupKFold(n_splits=n_inner, shuffle=True, random_state=seed + 1000 * (r + 1) + f)
                 with warnings.catch_warnings():  # small classes: stratification is best effort here

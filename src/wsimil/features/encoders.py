@@ -237,14 +237,30 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 
 
 def _load_state(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
+    """A state dict from safetensors or a PyTorch file (read without running code), with one-line errors."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    pytorch = head[:2] == b"PK" or head[:1] == b"\x80"  # torch.save: a zip archive, or (legacy) a pickle
+    if path.suffix == ".safetensors" or (not pytorch and head[8:9] == b"{"):  # 8-byte length, then JSON
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: a damaged or foreign file
+            raise WsimilError(f"encoder weights {path} are not a readable safetensors file ({e})") from None
+    if not pytorch:
+        raise WsimilError(f"encoder weights {path} are not a PyTorch checkpoint (torch.save) or a safetensors file")
+    from wsimil.checkpoint import safe_torch_load
+
+    state = safe_torch_load(path, "encoder weights")
     for key in ("state_dict", "model", "teacher"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise WsimilError(
+            f"encoder weights {path} hold a {type(state).__name__}, not a state dict (names → tensors); save "
+            "model.state_dict() or a safetensors file"
+        )
     return state
 
 
@@ -290,6 +306,14 @@ def create_encoder(name: str, weights: str | Path | None = None, seed: int = 0) 
         raise WsimilError(
             f"weights {path} do not fit encoder {name!r} ({spec.arch}): {len(missing)} missing keys "
             f"(e.g. {sorted(missing)[:3]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]})"
+        )
+    want = target.state_dict()
+    shapes = [k for k in sorted(state) if tuple(state[k].shape) != tuple(want[k].shape)]
+    if shapes:
+        k = shapes[0]
+        raise WsimilError(
+            f"weights {path} do not fit encoder {name!r} ({spec.arch}): {len(shapes)} tensors have other shapes "
+            f"(e.g. {k}: {tuple(state[k].shape)} in the file, {tuple(want[k].shape)} expected)"
         )
     try:
         target.load_state_dict(state, strict=False)

@@ -23,7 +23,7 @@ from wsimil.features.encoders import Encoder, create_encoder
 from wsimil.features.patches import PatchGrid, SlidePatchBlocks, patch_labels_from_mask
 from wsimil.features.store import write_bag
 from wsimil.io import write_csv
-from wsimil.slide.job import grid_dir_name, patches_path
+from wsimil.slide.job import check_tiled, grid_dir_name, patches_path
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -40,6 +40,15 @@ class ExtractSettings:
     reader: str = "auto"
     block: int = 4  # cells per side of one read; OpenSlide slows down on much larger regions
     seed: int = 0
+
+    def validate(self) -> None:
+        """Refuse settings no slide could be encoded with, before the encoder is loaded."""
+        if self.precision not in PRECISIONS:
+            raise WsimilError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.batch_size < 1:
+            raise WsimilError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise WsimilError(f"--workers must be 0 (read in the main process) or more, got {self.workers}")
 
 
 def encode_slide(encoder: Encoder, grid: PatchGrid, st: ExtractSettings, mpp: float | None = None) -> np.ndarray:
@@ -191,8 +200,8 @@ def run_extraction(
 
     job = Path(job)
     slides = read_job_slides(job)
-    if st.precision not in PRECISIONS:
-        raise WsimilError(f"--precision must be one of {', '.join(PRECISIONS)}, not {st.precision!r}")
+    check_tiled(job, st.mag, patch_size)
+    st.validate()
     if backend == "ray":
         from wsimil.features.distributed import run_extraction_ray
 

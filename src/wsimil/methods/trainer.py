@@ -367,12 +367,12 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
         label_column = create_method(cfg).label_column
     man = read_manifest(manifest, cfg.classes, label_column, cfg.task, cfg.survival_bins)
     store = FeatureStore(features)
+    cohort = load_cohort(man, store, max_memory_gb=cfg.max_memory_gb)  # missing or bad slides first, then splits
     splits = (
         read_splits(cfg.splits, man)
         if cfg.splits
         else kfold_splits(man, cfg.folds, cfg.repeats, cfg.val_fraction, cfg.seed)
     )
-    cohort = load_cohort(man, store, max_memory_gb=cfg.max_memory_gb)
     # fail on bad model or method options now, not after a fold of training
     trainer = Trainer(cfg, cohort, out, device, man)
     trainer.method.build(cohort.in_dim, len(man.classes))

@@ -28,8 +28,16 @@ import pandas as pd
 from wsimil import __version__
 from wsimil.errors import WsimilError
 from wsimil.io import atomic_path, write_csv, write_yaml
-from wsimil.slide.reader import open_slide
-from wsimil.slide.tiling import GridLevel, mag_name, nested_grids, nominal_magnification, nominal_patch_size_level0
+from wsimil.slide.reader import MPP_RANGE, READER_CHOICES, open_slide
+from wsimil.slide.tiling import (
+    GridLevel,
+    check_mags,
+    check_native,
+    mag_name,
+    nested_grids,
+    nominal_magnification,
+    nominal_patch_size_level0,
+)
 from wsimil.slide.tissue import TissueParams, detect_tissue, tissue_contours
 
 SCHEMA_VERSION = 2  # 2: nominal patch_size_level0/level0_magnification; min_tissue 0 = touches tissue
@@ -65,6 +73,21 @@ class TileSettings:
         }
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
+    def validate(self) -> None:
+        """Refuse settings no slide could be tiled with, before any slide is read (one line each)."""
+        check_mags(self.mags)
+        if self.patch_size < 16:
+            raise WsimilError(f"--patch-size must be at least 16 pixels, got {self.patch_size}")
+        if not 0 <= self.min_tissue <= 1:
+            raise WsimilError(f"--min-tissue is a share of the patch in [0, 1], got {self.min_tissue:g}")
+        if self.reader not in READER_CHOICES:
+            raise WsimilError(f"unknown slide reader {self.reader!r}; choose from {', '.join(READER_CHOICES)}")
+        if self.mpp is not None and not MPP_RANGE[0] <= self.mpp <= MPP_RANGE[1]:
+            raise WsimilError(
+                f"--mpp {self.mpp:g} is outside {MPP_RANGE[0]}–{MPP_RANGE[1]} µm/px "
+                "(0.25 is a 40x scan, 0.5 a 20x scan)"
+            )
+
 
 def grid_dir_name(mag: float, patch_size: int) -> str:
     return f"{mag_name(mag)}_{patch_size}px_0px_overlap"
@@ -76,6 +99,24 @@ def patches_path(job: Path, mag: float, patch_size: int, slide_id: str) -> Path:
 
 def links_path(job: Path, slide_id: str) -> Path:
     return Path(job) / "links" / f"{slide_id}_links.h5"
+
+
+def check_tiled(job: Path, mag: float, patch_size: int) -> None:
+    """Refuse, before anything is loaded or written, a magnification and patch size the job holds no patches for;
+    the error lists the grids it has."""
+    want = patches_path(job, mag, patch_size, "").parent
+    if any(want.glob("*_patches.h5")):
+        return
+    have = []
+    for d in sorted(Path(job).glob("*_0px_overlap/patches")):
+        m, _, rest = d.parent.name.partition("_")
+        if any(d.glob("*_patches.h5")):
+            have.append(f"{m} ({rest.partition('_')[0].removesuffix('px')} px)")
+    held = f"it holds {', '.join(have)}" if have else f"no slide was tiled (see {Path(job) / 'status.csv'})"
+    raise WsimilError(
+        f"job {job} has no {mag_name(mag)} patches of {patch_size} px: {held}; pass one of those with --mag and "
+        f"--patch-size, or tile the slides at {mag_name(mag)} first (wsimil tile --mag {mag:g})"
+    )
 
 
 def collect_slides(spec: str | Path) -> list[SlideSpec]:
@@ -98,7 +139,11 @@ def collect_slides(spec: str | Path) -> list[SlideSpec]:
             path = Path(r["path"])
             if not path.is_absolute():
                 path = (p.parent / path).resolve()
-            mpp = float(r["mpp"]) if "mpp" in df.columns and r["mpp"].strip() else None
+            mpp = r["mpp"].strip() if "mpp" in df.columns else ""
+            try:
+                mpp = float(mpp) if mpp else None
+            except ValueError:
+                raise WsimilError(f"slide table {p}: 'mpp' of {path.name} is {mpp!r}, not a number (µm/px)") from None
             extra = {k: v for k, v in r.items() if k not in ("slide_id", "path", "mpp")}
             for k in ("tumor_mask",):  # paths relative to the table
                 if extra.get(k) and not Path(extra[k]).is_absolute():
@@ -162,6 +207,7 @@ def find_grids(slide, settings: TileSettings):
     """Tissue detection on the thumbnail and the nested patch grids of an open slide:
     ``(grids, links, thumbnail, thumbnail downsample, tissue mask)``. One path for ``wsimil tile`` and in-memory
     tiling, so both find exactly the same patches."""
+    check_native(settings.mags, slide.mpp, slide.slide_id)
     w0, h0 = slide.dimensions
     max_side = int(np.ceil(max(w0, h0) * slide.mpp / settings.tissue.thumb_mpp))
     thumb, ds = slide.thumbnail(max(64, max_side))
@@ -269,6 +315,7 @@ def run_tiling(
     from wsimil.progress import make_progress
 
     job = Path(job)
+    settings.validate()
     specs = collect_slides(slides) if not isinstance(slides, list) else slides
     job.mkdir(parents=True, exist_ok=True)
     write_csv(

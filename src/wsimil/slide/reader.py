@@ -8,7 +8,12 @@ the backend's normalised property (``openslide.mpp-x`` / ``tiffslide.mpp-x``), t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import math
+import traceback
+import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -210,12 +215,15 @@ class TiffSlideReader(SlideReader):
     def _open(self) -> None:
         import tiffslide
 
+        _quiet_zarr_async()
         try:
-            self._s = tiffslide.TiffSlide(str(self.path))
+            with _slide_log_prefix(self.slide_id):
+                self._s = tiffslide.TiffSlide(str(self.path))
+                # tiffslide parses lazily: a damaged file fails here, not in the constructor
+                self.level_dimensions = [tuple(d) for d in self._s.level_dimensions]
+                self.level_downsamples = [float(d) for d in self._s.level_downsamples]
         except Exception as e:  # noqa: BLE001
-            raise WsimilError(f"slide {self.slide_id!r}: tiffslide cannot open {self.path}: {e}") from e
-        self.level_dimensions = [tuple(d) for d in self._s.level_dimensions]
-        self.level_downsamples = [float(d) for d in self._s.level_downsamples]
+            raise WsimilError(f"slide {self.slide_id!r}: tiffslide cannot open {self.path}: {_one_line(e)}") from e
 
     @property
     def properties(self) -> dict[str, str]:
@@ -223,9 +231,14 @@ class TiffSlideReader(SlideReader):
 
     def _read(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
         try:
-            img = self._s.read_region((x, y), level, (w, h), as_array=True)
+            with _slide_log_prefix(self.slide_id):
+                img = self._s.read_region((x, y), level, (w, h), as_array=True)
         except Exception as e:  # noqa: BLE001
-            raise WsimilError(f"slide {self.slide_id!r}: read at ({x}, {y}) level {level} failed: {e}") from e
+            _drain_zarr_tasks()
+            raise WsimilError(
+                f"slide {self.slide_id!r}: read at ({x}, {y}) level {level} failed: {_one_line(e)} "
+                "(damaged or truncated file?)"
+            ) from e
         img = _rgba_to_rgb(np.asarray(img))
         # outside the image tiffslide returns black, OpenSlide transparent (= white here): match OpenSlide
         lw, lh = self.level_dimensions[level]
@@ -242,6 +255,83 @@ class TiffSlideReader(SlideReader):
 
     def close(self) -> None:
         self._s.close()
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+class _ZarrTaskNoise(logging.Filter):
+    """Drops asyncio's reports about zarr's read tasks ("Task was destroyed but it is pending!", "... exception was
+    never retrieved", each with a traceback): the failed read itself is reported once, per slide."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "zarr" in record.getMessage():
+            return False
+        tb = record.exc_info[2] if record.exc_info else None
+        return not (tb and any("zarr" in f.filename for f in traceback.extract_tb(tb)))
+
+
+_ZARR_QUIET = False
+
+
+def _quiet_zarr_async() -> None:
+    """Install the filter above (once per process, so also in worker processes)."""
+    global _ZARR_QUIET
+    if _ZARR_QUIET:
+        return
+    logging.getLogger("asyncio").addFilter(_ZarrTaskNoise())
+    warnings.filterwarnings("ignore", r"coroutine 'concurrent_map.* was never awaited", RuntimeWarning)
+    _ZARR_QUIET = True
+
+
+def _drain_zarr_tasks() -> None:
+    """After a failed tiffslide read, cancel and await the tile reads zarr left pending on its event loop.
+
+    zarr decodes a region's tiles in concurrent tasks and raises the first error; the others stay pending and, when
+    collected or at exit, print hundreds of lines ("Task was destroyed but it is pending!", "Event loop is closed").
+    wsimil reads one region at a time per process, so every pending task on that loop belongs to the failed read."""
+    try:
+        from zarr.core import sync as zarr_sync
+
+        loop = zarr_sync.loop[0]
+    except (ImportError, AttributeError, IndexError):
+        return
+    if loop is None or loop.is_closed():
+        return
+
+    async def drain() -> None:
+        me = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    with contextlib.suppress(Exception):  # best effort: the read error is what gets reported
+        asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout=30)
+
+
+class _SlidePrefix(logging.Filter):
+    def __init__(self, slide_id: str):
+        super().__init__()
+        self.slide_id = slide_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = f"slide {self.slide_id!r}: tifffile: {record.getMessage()}", None
+        return True
+
+
+@contextlib.contextmanager
+def _slide_log_prefix(slide_id: str):
+    """Name the slide in tifffile's one-line log messages (e.g. ``invalid page offset`` in a truncated file)."""
+    log = logging.getLogger("tifffile")
+    f = _SlidePrefix(slide_id)
+    log.addFilter(f)
+    try:
+        yield
+    finally:
+        log.removeFilter(f)
 
 
 READERS: dict[str, type[SlideReader]] = {"openslide": OpenSlideReader, "tiffslide": TiffSlideReader}

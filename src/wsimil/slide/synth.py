@@ -285,6 +285,23 @@ def _slide_plan(task: str, n_slides: int, seed: int, pos_fraction: float, tumor_
     ]
 
 
+def check_cohort_options(n_slides: int, width: int, height: int, mpp: float, tumor_fraction: float, task: str) -> None:
+    """Refuse ``wsimil synth`` options no cohort can be drawn with, in one line, before anything is written."""
+    from wsimil.errors import WsimilError
+
+    if task not in TASKS:
+        raise WsimilError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    least = 4 if task == "hierarchical" else 2
+    if n_slides < least:
+        raise WsimilError(f"--slides must be at least {least} for a {task} cohort (every class needs a slide)")
+    if min(width, height) < 512:
+        raise WsimilError(f"--width and --height must be at least 512 pixels, got {width}x{height}")
+    if not 0.1 <= mpp <= 2.0:
+        raise WsimilError(f"--mpp must be in 0.1–2.0 µm/px (0.25 is a 40x scan, 0.5 a 20x scan), got {mpp:g}")
+    if not 0 <= tumor_fraction <= 0.3:
+        raise WsimilError(f"--tumor-fraction is a share of the tissue in [0, 0.3], got {tumor_fraction:g}")
+
+
 def make_cohort(
     out: str | Path,
     n_slides: int = 40,

@@ -49,6 +49,46 @@ def nominal_patch_size_level0(patch_size: int, mag: float, mpp0: float) -> int:
     return int(round(patch_size * nominal / mag)) if nominal else int(round(exact))
 
 
+#: the most a patch may be upsampled from level 0: scanners' "40x" ranges over 0.22–0.27 µm/px, so asking 40x of
+#: a 0.263 µm/px (38x) scan is fine, but 80x of a 40x scan (or 40x of a 20x scan) would invent pixels
+MAX_UPSAMPLE = 1.1
+
+
+def check_mags(mags: list[float]) -> list[float]:
+    """Refuse magnifications that cannot be tiled, before any slide is read: each must be a positive number and
+    every one must divide the finest by a whole number (so their grids nest). Returns them finest first."""
+    from wsimil.errors import WsimilError
+
+    if not mags:
+        raise WsimilError("give at least one --mag, e.g. --mag 20")
+    for m in mags:
+        if not np.isfinite(m) or m <= 0:
+            raise WsimilError(f"--mag {m:g} is not a magnification: give a positive number, e.g. --mag 20 (0.5 µm/px)")
+    mags = sorted({float(m) for m in mags}, reverse=True)
+    for m in mags[1:]:
+        f = mags[0] / m
+        if abs(f - round(f)) > 1e-9:
+            raise WsimilError(
+                f"--mag {mags[0]:g} and --mag {m:g} do not nest: {mags[0]:g}/{m:g} = {f:.3g} is not a whole number; "
+                f"use magnifications that divide {mags[0]:g}x (e.g. {', '.join(f'{mags[0] / k:g}' for k in (2, 4))})"
+            )
+    return mags
+
+
+def check_native(mags: list[float], mpp0: float, slide_id: str) -> None:
+    """Refuse to tile a slide above its scan's magnification (level 0 at ``mpp0`` µm/px): that would upsample."""
+    from wsimil.errors import WsimilError
+
+    native = mag_to_mpp(mpp0)  # 10/mpp0: the same formula both ways
+    top = max(mags)
+    if top > native * MAX_UPSAMPLE:
+        raise WsimilError(
+            f"slide {slide_id!r}: --mag {top:g} needs {mag_to_mpp(top):g} µm/px but the slide was scanned at "
+            f"{mpp0:.4g} µm/px ({native:.3g}x); wsimil does not upsample: use --mag {np.floor(native * 1.0001):g} or "
+            "lower (or --mpp if the slide's metadata is wrong)"
+        )
+
+
 @dataclass
 class GridLevel:
     mag: float
@@ -91,12 +131,8 @@ def nested_grids(
 ) -> tuple[dict[float, GridLevel], dict[tuple[float, float], np.ndarray]]:
     """Tissue patches of every magnification on nested grids, and the links from each coarser magnification to
     the finest one. ``mask`` is a tissue mask where one pixel spans ``mask_downsample`` level-0 pixels."""
-    mags = sorted({float(m) for m in mags}, reverse=True)
+    mags = check_mags(mags)
     hi = mags[0]
-    for m in mags[1:]:
-        f = hi / m
-        if abs(f - round(f)) > 1e-9:
-            raise ValueError(f"magnifications must nest: {hi:g}x / {m:g}x = {f:g} is not an integer")
     w0, h0 = dimensions
     step_hi = patch_size * mag_to_mpp(hi) / mpp0
     integral = integral_image(mask)
