@@ -57,6 +57,8 @@ class Owner:
 
 def _alive(pid: int) -> bool:
     """Whether process ``pid`` of this host runs (a zombie, killed but not yet reaped, counts as gone)."""
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there: rely on the heartbeat alone
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

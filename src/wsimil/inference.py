@@ -236,7 +236,7 @@ def predict_slides(
         if backend != "local":
             raise WsimilError(f"an LRMIL bundle predicts with the local backend only, not {backend!r}")
         return predict_to_folder(
-            bundle, slides, out, resolve_device(device), folds, mpp, batch_size, encoder_weights=encoder_weights
+            bundle, slides, out, resolve_device(device), folds, mpp, batch_size, encoder_weights, claim_timeout
         )
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     b.require_slides()
