@@ -241,7 +241,7 @@ def merge_rows(
                 df = pd.read_csv(path, dtype=str, keep_default_na=False)
                 old = {r["slide_id"]: r for r in df.to_dict("records")}
         out = [r for sid in order if (r := mine.get(sid) if sid in owned else old.get(sid, mine.get(sid)))]
-        write_csv(path, pd.DataFrame(out, columns=None if out else columns))
+        write_csv(path, pd.DataFrame(out, columns=None if out else columns, dtype=object))  # ints stay ints
 
 
 def remove_orphans(folder: str | Path, timeout: float = CLAIM_TIMEOUT, recursive: bool = True) -> int:
