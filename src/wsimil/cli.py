@@ -20,7 +20,6 @@ app = typer.Typer(
 convert_app = typer.Typer(no_args_is_help=True, help="Convert datasets from other formats.")
 app.add_typer(convert_app, name="convert")
 
-
 READER_HELP = "auto (tiffslide for SVS/TIFF: same pixels, ~4x faster; OpenSlide otherwise), openslide or tiffslide."
 ClaimTimeout = Annotated[float, typer.Option(help="Seconds without heartbeat after which a slide claim is taken over.")]
 
