@@ -9,7 +9,8 @@ host and that process is gone, or when its heartbeat is older than ``timeout`` s
 that died or lost the file system). Claims are released (deleted) when the slide's work ends, success or failure.
 
 Taking over renames the stale claim to a private name and checks it is still the one judged stale (another worker
-may have replaced it meanwhile; it is then put back), so two workers never both hold one slide.
+may have replaced it meanwhile; it is then put back), so two workers that find one stale claim do not both take
+it over. Hosts sharing a folder need distinct host names (the pid check is only made for this host's claims).
 
 :func:`remove_orphans` deletes what killed runs left behind (temporary files of :func:`wsimil.io.atomic_path`,
 stale claims) without touching a live worker's files; :func:`merge_rows` lets workers write one shared
