@@ -17,7 +17,7 @@ import wsimil
 from wsimil.claims import _break, claim_path, holder, merge_rows, remove_orphans, try_claim
 from wsimil.cli import app
 from wsimil.io import HOST, atomic_path, temp_prefix
-from wsimil.slide.job import TileSettings, outputs_valid, run_tiling
+from wsimil.slide.job import TileSettings, collect_slides, outputs_valid, run_tiling
 
 runner = CliRunner()
 SRC = str(Path(wsimil.__file__).resolve().parents[1])
@@ -295,3 +295,17 @@ def test_killed_worker_leaves_nothing_behind(slides, tmp_path):
     table = run_tiling(slides, job, TileSettings(mags=[20]), claim_timeout=600)
     assert table.set_index("slide_id").loc["s1", "status"] == "ok" and not temp.exists()
     assert not list((job / ".claims").iterdir())
+
+
+def test_extract_leaves_a_slide_being_tiled(slides, tmp_path):
+    import warnings
+
+    from wsimil.features.extract import ExtractSettings, run_extraction
+
+    job = tmp_path / "job"
+    run_tiling(collect_slides(slides)[:2], job, TileSettings(mags=[20]))
+    with try_claim(job, "s1"), warnings.catch_warnings():  # s1 is being tiled again elsewhere
+        warnings.simplefilter("ignore", UserWarning)  # random encoder weights
+        table = run_extraction(job, ExtractSettings(mag=20, encoder="resnet18")).set_index("slide_id")
+    assert table.loc["s1", "status"] == "claimed" and table.loc["s1", "error"] == f"being tiled by {HOST}:{os.getpid()}"
+    assert table.loc["s0", "status"] == "ok"

@@ -130,7 +130,7 @@ def process_slide(
     claim = None
     try:
         ppath = patches_path(job, st.mag, patch_size, sid)
-        if not ppath.is_file() and (tiler := holder(job, sid, claim_timeout)) is not None:
+        if (tiler := holder(job, sid, claim_timeout)) is not None:  # its patches are being written
             row.update(status="claimed", error=f"being tiled by {tiler}")
             return row
         if not ppath.is_file():
