@@ -205,3 +205,36 @@ def test_report_renders_in_headless_chromium(synth_run):
     assert shot.shape[1] >= 1200 and shot.shape[0] > 2000  # the whole page (less a scroll bar)
     assert shot.std() > 30 and len(np.unique(shot.reshape(-1, 3), axis=0)) > 1000  # not blank: plots and slides
     assert page.title.startswith("wsimil report")
+
+
+def test_predict_leaves_claimed_slides_to_other_workers(synth_run, tmp_path):
+    """Two runs sharing OUT: a slide another run is tiling is neither encoded nor scored here (``claimed``), and each
+    run's predictions are merged into one predictions.csv."""
+    from wsimil.claims import try_claim
+
+    d, _ = synth_run
+    pd.DataFrame({"path": [str(d / "cohort" / "slides" / f"synth_000{i}.svs") for i in (0, 1)]}).to_csv(
+        tmp_path / "slides.csv", index=False
+    )
+    out = tmp_path / "p"
+    args = ["predict", "--model", str(d / "run" / "bundle"), "--slides", str(tmp_path / "slides.csv"), "--out",
+            str(out), "--device", "cpu"]  # fmt: skip
+    with try_claim(out / "job", "synth_0001"):  # another worker tiles synth_0001
+        res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "Predicted 1, skipped 0 (already done), left 1 to other workers, failed 0" in res.output
+    status = pd.read_csv(out / "status.csv").set_index("slide_id")
+    assert status.loc["synth_0001", "status"] == "claimed" and status.loc["synth_0001", "stage"] == "tile"
+    assert pd.read_csv(out / "predictions.csv")["slide_id"].tolist() == ["synth_0000"]
+    assert not next((out / "job").glob("20x_*/features_resnet18")).joinpath("synth_0001.h5").exists()
+    first = pd.read_csv(out / "predictions.csv").iloc[0]
+
+    with try_claim(out, "synth_0000"):  # now synth_0000 is being scored elsewhere: this run does synth_0001
+        res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "Predicted 1, skipped 0 (already done), left 1 to other workers" in res.output
+    status = pd.read_csv(out / "status.csv").set_index("slide_id")  # the rows on disk are kept for claimed slides
+    assert status.status.to_dict() == {"synth_0000": "ok", "synth_0001": "ok"}
+    pred = pd.read_csv(out / "predictions.csv")
+    assert pred["slide_id"].tolist() == ["synth_0000", "synth_0001"]  # the first run's row is kept
+    assert pred.iloc[0]["prob_1"] == first["prob_1"]

@@ -45,7 +45,9 @@ import numpy as np
 
 from wsimil import __version__
 from wsimil.checkpoint import SUFFIX, fold_checkpoint, load_checkpoint, save_checkpoint
+from wsimil.claims import remove_orphans
 from wsimil.errors import WsimilError
+from wsimil.io import temp_prefix
 
 #: bundle format written by this wsimil; bundles of a newer format are refused with an "upgrade wsimil" error.
 #: 2: members are safetensors checkpoints (1: ``torch.save`` files, still read through the safe loader)
@@ -540,7 +542,8 @@ def write_bundle(
         )
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    remove_orphans(out.parent, recursive=False)  # temporary folders of a killed write
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), dir=out.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private
     try:
         members = []
@@ -607,7 +610,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     """Move ``tmp`` onto ``out``; an existing ``out`` is moved aside first and deleted after."""
     old = None
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = out.with_name(f"{temp_prefix(out.name)}old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out, old)
     os.replace(tmp, out)

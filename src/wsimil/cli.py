@@ -23,6 +23,7 @@ app.add_typer(convert_app, name="convert")
 
 EXPECT_HELP = "Refuse the bundle unless its SHA-256 (`wsimil digest BUNDLE`) is this value, or the one in this file."
 READER_HELP = "auto (tiffslide for SVS/TIFF: same pixels, ~4x faster; OpenSlide otherwise), openslide or tiffslide."
+ClaimTimeout = Annotated[float, typer.Option(help="Seconds without heartbeat after which a slide claim is taken over.")]
 
 
 def _default(field: str) -> str:
@@ -265,6 +266,7 @@ def tile(
     workers: Annotated[int, typer.Option(help="Slides tiled in parallel.")] = 1,
     min_tissue: Annotated[float, typer.Option(help="Least tissue share of a patch's footprint (0: any tissue).")] = 0.1,
     overwrite: Annotated[bool, typer.Option(help="Redo slides whose outputs are already valid.")] = False,
+    claim_timeout: ClaimTimeout = 600.0,
 ) -> None:
     """Find tissue and tile it at exact µm/px, at one or more nested magnifications.
 
@@ -273,7 +275,7 @@ def tile(
     from wsimil.slide.job import TileSettings, run_tiling
 
     settings = TileSettings(mags=list(mag), patch_size=patch_size, reader=reader, mpp=mpp, min_tissue=min_tissue)
-    table = run_tiling(slides, out, settings, workers=workers, overwrite=overwrite)
+    table = run_tiling(slides, out, settings, workers=workers, overwrite=overwrite, claim_timeout=claim_timeout)
     _report_batch(table, "Tiled", out, out / "status.csv")
 
 
@@ -297,6 +299,7 @@ def extract(
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address; default: start Ray locally.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random init when no weights are given.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Redo slides whose features are already valid.")] = False,
+    claim_timeout: ClaimTimeout = 600.0,
 ) -> None:
     """Encode a tiling job's patches into feature bags.
 
@@ -316,9 +319,8 @@ def extract(
         reader=reader,
         seed=seed,
     )
-    table = run_extraction(
-        job, st, patch_size=patch_size, overwrite=overwrite, backend=backend, ray_address=ray_address
-    )
+    table = run_extraction(job, st, patch_size, overwrite, backend=backend, ray_address=ray_address,
+                           claim_timeout=claim_timeout)  # fmt: skip
     out_dir = features_dir(job, st, patch_size)
     _report_batch(table, "Encoded", out_dir, out_dir / "status.csv")
 
@@ -402,6 +404,7 @@ def predict(
         list[int] | None, typer.Option(help="Fold model(s) of the ensemble to use (repeatable; default: all).")
     ] = None,
     expect_sha256: Annotated[str | None, typer.Option(help=EXPECT_HELP)] = None,
+    claim_timeout: ClaimTimeout = 600.0,
 ) -> None:
     """Predict new slides with a model bundle: tile → encode → aggregate (cached tiles and features are reused).
 
@@ -416,7 +419,10 @@ def predict(
     if (slides is None) == (features is None):
         raise WsimilError("give exactly one of --slides (slide files) or --features (a feature folder)")
     if features is not None:
-        table = predict_features(model, features, out, device=device, folds=fold or None, expect_sha256=expect_sha256)
+        table = predict_features(
+            model, features, out, device=device, folds=fold or None, expect_sha256=expect_sha256,
+            claim_timeout=claim_timeout,
+        )  # fmt: skip
     else:
         table = predict_slides(
             model,
@@ -432,6 +438,7 @@ def predict(
             overwrite=overwrite,
             folds=fold or None,
             expect_sha256=expect_sha256,
+            claim_timeout=claim_timeout,
         )
     if (table["status"] != "failed").any():  # else predictions.csv holds only a header
         console.print(f"Predictions: {out / 'predictions.csv'}  per-patch scores: {out / 'scores'}", soft_wrap=True)
@@ -517,8 +524,9 @@ def _report_batch(table, verb: str, out: Path, status_csv: Path) -> None:
     from wsimil.progress import console
 
     counts = table["status"].value_counts().to_dict()
+    left = f"left {counts['claimed']} to other workers, " if counts.get("claimed") else ""
     console.print(
-        f"{verb} {counts.get('ok', 0)}, skipped {counts.get('skipped', 0)} (already done), "
+        f"{verb} {counts.get('ok', 0)}, skipped {counts.get('skipped', 0)} (already done), {left}"
         f"failed {counts.get('failed', 0)} → {out}",
         soft_wrap=True,
     )

@@ -9,7 +9,7 @@ the bundle's settings, files are written atomically, and a slide that fails at a
                               (survival bundles: slide_id, risk = −Σ_k S_k, the members' mean)
     OUT/scores/{slide_id}.h5  coords (N, 2) level-0; maps (K, N) with attribute names (K map names); probs (C,);
                               member_probs (F, C)
-    OUT/status.csv            slide_id, status (ok/failed), stage, error
+    OUT/status.csv            slide_id, status (ok/failed/claimed), stage, error
     OUT/job/                  the tiling job and features (the cache)
 
 Per-patch maps (:func:`score_bag`): for attention models the softmax attention weights (over the bag's patches) of
@@ -33,8 +33,9 @@ import pandas as pd
 import torch
 
 from wsimil.bundle import Bundle, load_bundle, verify_bundle_digest
+from wsimil.claims import CLAIM_TIMEOUT, merge_rows, remove_orphans, try_claim
 from wsimil.errors import WsimilError
-from wsimil.io import atomic_path, write_csv
+from wsimil.io import atomic_path
 from wsimil.progress import console
 
 
@@ -186,13 +187,23 @@ def failed_status(slide_id: str, err: BaseException, stage: str = "predict") -> 
 
 
 def _finish(out: Path, rows: list[dict], status: list[dict], bundle: Bundle) -> pd.DataFrame:
+    """Merge this run's predictions and status rows into ``OUT`` (other workers' slides keep their rows)."""
     cols = ["slide_id", *[f"prob_{c}" for c in bundle.classes], "predicted"]
     if bundle.task == "survival":
         cols = ["slide_id", "risk"]
-    write_csv(out / "predictions.csv", pd.DataFrame(rows, columns=None if rows else cols))
+    order = [r["slide_id"] for r in status]
+    owned = [r["slide_id"] for r in status if r["status"] != "claimed"]
+    merge_rows(out / "predictions.csv", rows, order, owned, cols)
     table = pd.DataFrame(status, columns=["slide_id", "status", "stage", "error", "seconds"])
-    write_csv(out / "status.csv", table)
+    merge_rows(out / "status.csv", status, order, owned, list(table.columns))
     return table
+
+
+LEFT = ("failed", "claimed")  # tile/extract outcomes that end a slide's prediction in this run
+
+
+def _claimed(slide_id: str, stage: str, note: str) -> dict:
+    return {"slide_id": slide_id, "status": "claimed", "stage": stage, "error": note, "seconds": 0.0}
 
 
 def predict_slides(
@@ -209,12 +220,15 @@ def predict_slides(
     overwrite: bool = False,
     folds: list[int] | None = None,
     expect_sha256: str | None = None,
+    claim_timeout: float = CLAIM_TIMEOUT,
 ) -> pd.DataFrame:
     """Predict slides (a folder, a CSV with a ``path`` column, or one file) with a bundle; returns the per-slide
     status table (``status`` ok/failed with the ``stage`` that failed). See the module docstring for outputs.
     ``folds`` picks fold models of the ensemble (default: all). An LRMIL bundle (``wsimil lrmil``) runs its 5×-only
     path (:func:`wsimil.lrmil.bundle.predict_to_folder`). ``expect_sha256`` pins the bundle
-    (:func:`wsimil.bundle.verify_bundle_digest`): nothing is loaded from a bundle that does not match."""
+    (:func:`wsimil.bundle.verify_bundle_digest`): nothing is loaded from a bundle that does not match. Several runs
+    may share ``out``: a slide claimed by another run at any stage (:mod:`wsimil.claims`) is left to it
+    (``claimed``), so each slide is done by one run."""
     from wsimil.config import resolve_device
     from wsimil.features.extract import features_dir, run_extraction
     from wsimil.features.store import FeatureStore
@@ -229,7 +243,7 @@ def predict_slides(
         if backend != "local":
             raise WsimilError(f"an LRMIL bundle predicts with the local backend only, not {backend!r}")
         return predict_to_folder(
-            bundle, slides, out, resolve_device(device), folds, mpp, batch_size, encoder_weights=encoder_weights
+            bundle, slides, out, resolve_device(device), folds, mpp, batch_size, encoder_weights, claim_timeout
         )
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     b.require_slides()
@@ -248,24 +262,32 @@ def predict_slides(
         f"{'s' * (len(members) > 1)}, {b.tiling.mag:g}x "
         f"{b.tiling.patch_size}px, encoder {st.encoder}) → {out}"
     )
-    tiles = run_tiling(slides, job, tiling, workers=workers, overwrite=overwrite)
+    remove_orphans(out, claim_timeout, recursive=False)
+    remove_orphans(out / "scores", claim_timeout, recursive=False)
+    tiles = run_tiling(slides, job, tiling, workers=workers, overwrite=overwrite, claim_timeout=claim_timeout)
+    mine = [r["slide_id"] for _, r in tiles.iterrows() if r["status"] != "claimed"]
     feats = run_extraction(
-        job, st, b.tiling.patch_size, overwrite=overwrite, encoder=encoder, backend=backend, ray_address=ray_address
-    )
+        job, st, b.tiling.patch_size, overwrite=overwrite, encoder=encoder, backend=backend, ray_address=ray_address,
+        claim_timeout=claim_timeout, slide_ids=mine,
+    )  # fmt: skip
     fdir = features_dir(job, st, b.tiling.patch_size)
     status: list[dict] = []
-    failed = {r["slide_id"]: ("tile", r["error"]) for _, r in tiles.iterrows() if r["status"] == "failed"}
+    # slides that failed, or that another run claimed, at the tile or extract stage: (stage, status, error)
+    failed = {r["slide_id"]: ("tile", r["status"], r["error"]) for _, r in tiles.iterrows() if r["status"] in LEFT}
     for _, r in feats.iterrows():
-        if r["status"] == "failed" and r["slide_id"] not in failed:
-            failed[r["slide_id"]] = ("extract", r["error"])
+        if r["status"] in LEFT and r["slide_id"] not in failed:
+            failed[r["slide_id"]] = ("extract", r["status"], r["error"])
     paths = dict(zip(tiles["slide_id"], tiles["path"], strict=True))
     store = FeatureStore(fdir) if fdir.is_dir() and any(fdir.glob("*.h5")) else None
     rows = []
     for sid in tiles["slide_id"]:
         t0 = time.perf_counter()
         if sid in failed:
-            stage, err = failed[sid]
-            status.append({"slide_id": sid, "status": "failed", "stage": stage, "error": err, "seconds": 0.0})
+            stage, st_, err = failed[sid]
+            status.append({"slide_id": sid, "status": st_, "stage": stage, "error": err, "seconds": 0.0})
+            continue
+        if not (claim := try_claim(out, sid, claim_timeout)).held:
+            status.append(_claimed(sid, "predict", claim.describe()))
             continue
         try:
             assert store is not None
@@ -292,6 +314,8 @@ def predict_slides(
             status.append({"slide_id": sid, "status": "ok", "stage": "", "error": "", "seconds": 0.0})
         except Exception as e:  # noqa: BLE001 - one bad slide must not stop the batch
             status.append(failed_status(sid, e))
+        finally:
+            claim.release()
         status[-1]["seconds"] = round(time.perf_counter() - t0, 3)
     return _finish(out, rows, status, b)
 
@@ -303,6 +327,7 @@ def predict_features(
     device: str = "auto",
     folds: list[int] | None = None,
     expect_sha256: str | None = None,
+    claim_timeout: float = CLAIM_TIMEOUT,
 ) -> pd.DataFrame:
     """Predict every bag of a feature folder (any layout :class:`~wsimil.features.store.FeatureStore` reads) with a
     bundle; bags from another encoder than the bundle's are refused slide by slide. Outputs as
@@ -325,8 +350,13 @@ def predict_features(
     _check_widths(store, b)
     members = b.load_models(dev, folds)
     rows, status = [], []
+    remove_orphans(out, claim_timeout, recursive=False)
+    remove_orphans(out / "scores", claim_timeout, recursive=False)
     for sid in store.slide_ids():
         t0 = time.perf_counter()
+        if not (claim := try_claim(out, sid, claim_timeout)).held:  # another run sharing OUT scores it
+            status.append(_claimed(sid, "predict", claim.describe()))
+            continue
         try:
             bag = store.read(sid)
             b.check_features(sid, store.path(sid), bag.features.shape[1])
@@ -340,6 +370,8 @@ def predict_features(
             status.append({"slide_id": sid, "status": "ok", "stage": "", "error": ""})
         except WsimilError as e:
             status.append({"slide_id": sid, "status": "failed", "stage": "predict", "error": str(e)})
+        finally:
+            claim.release()
         status[-1]["seconds"] = round(time.perf_counter() - t0, 3)
     return _finish(out, rows, status, b)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,13 +23,26 @@ def _umask() -> int:
 
 _UMASK = _umask()
 
+HOST = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:40] or "host"
+
+
+def owner_tag(pid: int | None = None) -> str:
+    """``~host~pid~``: marks temporary files with the process that made them, so a later run can tell an orphan
+    (owner gone) from another live worker's file in progress (see :func:`wsimil.claims.remove_orphans`)."""
+    return f"~{HOST}~{os.getpid() if pid is None else pid}~"
+
+
+def temp_prefix(name: str) -> str:
+    """Prefix of a temporary file or folder that will be renamed onto ``name``: ``.{name}.~host~pid~``."""
+    return f".{name}.{owner_tag()}"
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from wsimil.claims import CLAIM_TIMEOUT
 from wsimil.errors import WsimilError
 
 
@@ -41,6 +42,7 @@ def run_extraction_ray(
     overwrite: bool,
     address: str | None = None,
     cpus_per_actor: int = 1,
+    claim_timeout: float = CLAIM_TIMEOUT,
 ) -> list[dict]:
     ray = _ray()
     from wsimil.progress import make_progress
@@ -87,7 +89,7 @@ def run_extraction_ray(
             def run(self, job: str, slide: dict, patch_size: int, overwrite: bool) -> dict:
                 from wsimil.features.extract import process_slide
 
-                return process_slide(self.encoder, Path(job), self.st, slide, patch_size, overwrite)
+                return process_slide(self.encoder, Path(job), self.st, slide, patch_size, overwrite, claim_timeout)
 
         actors = [EncoderActor.remote(settings) for _ in range(n_actors)]
         pool = ray.util.ActorPool(actors)

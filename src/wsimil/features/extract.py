@@ -1,7 +1,8 @@
 """Feature extraction for a tiling job: patches → encoder → ``JOB/{grid}/features_{encoder}/{slide_id}.h5``.
 
-Resumable (a slide whose feature file matches the current encoder, weights and tiling is skipped) and robust (a
-slide that fails is reported in ``features_{encoder}/status.csv`` and the others go on).
+Resumable (a slide whose feature file matches the current encoder, weights and tiling is skipped), robust (a
+slide that fails is reported in ``features_{encoder}/status.csv`` and the others go on) and shareable (runs on
+several machines split the slides; :mod:`wsimil.claims`).
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import pandas as pd
 import torch
 
 from wsimil import __version__
+from wsimil.claims import CLAIM_TIMEOUT, holder, merge_rows, remove_orphans, try_claim
 from wsimil.errors import WsimilError
 from wsimil.features.encoders import Encoder, create_encoder
 from wsimil.features.patches import PatchGrid, SlidePatchBlocks, patch_labels_from_mask
 from wsimil.features.store import write_bag
-from wsimil.io import write_csv
 from wsimil.slide.job import check_tiled, grid_dir_name, patches_path
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -122,15 +123,25 @@ def _valid(path: Path, encoder: Encoder, grid: PatchGrid) -> bool:
 
 
 def process_slide(
-    encoder: Encoder, job: Path, st: ExtractSettings, slide: dict, patch_size: int, overwrite: bool
+    encoder: Encoder,
+    job: Path,
+    st: ExtractSettings,
+    slide: dict,
+    patch_size: int,
+    overwrite: bool,
+    claim_timeout: float = CLAIM_TIMEOUT,
 ) -> dict:
     """Encode one slide of a job (``slide`` is its row of ``slides.csv``); returns its status row. Never raises
-    for a bad slide: the error goes into the row."""
+    for a bad slide: the error goes into the row. A slide another worker has claimed is left to it (``claimed``)."""
     sid = slide["slide_id"]
     t0 = time.perf_counter()
     row = {"slide_id": sid, "status": "ok", "error": "", "patches": 0, "seconds": 0.0}
+    claim = None
     try:
         ppath = patches_path(job, st.mag, patch_size, sid)
+        if (tiler := holder(job, sid, claim_timeout)) is not None:  # its patches are being written
+            row.update(status="claimed", error=f"being tiled by {tiler}")
+            return row
         if not ppath.is_file():
             raise WsimilError(
                 f"slide {sid!r}: no {st.mag:g}x patches in {ppath.parent} (tiling failed or "
@@ -140,6 +151,10 @@ def process_slide(
         fpath = features_dir(job, st, patch_size) / f"{sid}.h5"
         row["patches"] = len(grid.coords)
         if not overwrite and _valid(fpath, encoder, grid):
+            row["status"] = "skipped"
+        elif not (claim := try_claim(fpath.parent, sid, claim_timeout)).held:
+            row.update(status="claimed", error=claim.describe())
+        elif not overwrite and _valid(fpath, encoder, grid):  # finished by another worker meanwhile
             row["status"] = "skipped"
         else:
             mpp = float(slide["mpp"]) if slide.get("mpp") else None
@@ -172,6 +187,9 @@ def process_slide(
     except Exception as e:  # noqa: BLE001 - one bad slide must not stop the batch
         msg = traceback.format_exception_only(type(e), e)[-1].strip()
         row.update(status="failed", error=f"unexpected: {msg}")
+    finally:
+        if claim is not None:
+            claim.release()
     row["seconds"] = round(time.perf_counter() - t0, 3)
     return row
 
@@ -191,21 +209,27 @@ def run_extraction(
     encoder: Encoder | None = None,
     backend: str = "local",
     ray_address: str | None = None,
+    claim_timeout: float = CLAIM_TIMEOUT,
+    slide_ids: list[str] | None = None,
 ) -> pd.DataFrame:
-    """Encode every tiled slide of ``job`` at ``st.mag``; returns (and writes) the per-slide status table.
+    """Encode every tiled slide of ``job`` at ``st.mag`` (or those in ``slide_ids``); returns (and writes) the
+    per-slide status table.
 
     ``backend="ray"`` runs one task per slide on a Ray cluster (see :mod:`wsimil.features.distributed`); the
-    features are the same as with the local backend."""
+    features are the same as with the local backend. Several runs may share ``job`` (:mod:`wsimil.claims`): each
+    slide is encoded by the run that claims it; the others list it as ``claimed``."""
     from wsimil.progress import make_progress
 
     job = Path(job)
-    slides = read_job_slides(job)
+    listed = read_job_slides(job)
+    slides = [s for s in listed if slide_ids is None or s["slide_id"] in slide_ids]
     check_tiled(job, st.mag, patch_size)
     st.validate()
+    remove_orphans(features_dir(job, st, patch_size), claim_timeout, recursive=False)
     if backend == "ray":
         from wsimil.features.distributed import run_extraction_ray
 
-        rows = run_extraction_ray(job, st, slides, patch_size, overwrite, ray_address)
+        rows = run_extraction_ray(job, st, slides, patch_size, overwrite, ray_address, claim_timeout=claim_timeout)
     elif backend == "local":
         encoder = encoder or create_encoder(st.encoder, st.weights, st.seed)
         encoder.model.to(st.device)
@@ -213,10 +237,11 @@ def run_extraction(
         with make_progress() as progress:
             task = progress.add_task(f"Encoding {st.mag:g}x with {st.encoder}", total=len(slides), info="")
             for slide in slides:
-                rows.append(process_slide(encoder, job, st, slide, patch_size, overwrite))
+                rows.append(process_slide(encoder, job, st, slide, patch_size, overwrite, claim_timeout))
                 progress.update(task, advance=1, info=f"{slide['slide_id']}: {rows[-1]['status']}")
     else:
         raise WsimilError(f"unknown backend {backend!r}; choose local or ray")
     table = pd.DataFrame(rows)
-    write_csv(features_dir(job, st, patch_size) / "status.csv", table)
+    owned = [r["slide_id"] for r in rows if r["status"] != "claimed"]
+    merge_rows(features_dir(job, st, patch_size) / "status.csv", rows, [s["slide_id"] for s in listed], owned)
     return table

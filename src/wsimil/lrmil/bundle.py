@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from wsimil import __version__
+from wsimil.claims import CLAIM_TIMEOUT, remove_orphans, try_claim
 from wsimil.errors import WsimilError
 from wsimil.features.encoders import Encoder, create_encoder, sha256_file
 from wsimil.io import write_json
@@ -276,14 +277,16 @@ def predict_to_folder(
     mpp: float | None = None,
     batch_size: int = 64,
     encoder_weights: str | Path | None = None,
+    claim_timeout: float = CLAIM_TIMEOUT,
 ) -> pd.DataFrame:
     """``wsimil predict`` with an LRMIL bundle: the outputs of :func:`wsimil.inference.predict_slides`
     (``OUT/predictions.csv`` with ``n_patches``, ``OUT/scores/{slide_id}.h5`` holding the folds' mean 5× attention,
     ``OUT/status.csv``) from 5× patches alone. Patches are read in memory (no tiling job is cached); a slide that fails
-    is listed in the status table while the others go on. Returns the status table."""
+    is listed in the status table while the others go on; one claimed by another run sharing ``out`` is left to it
+    (:mod:`wsimil.claims`). Returns the status table."""
     import time
 
-    from wsimil.inference import _finish, _prediction_row, failed_status, write_scores
+    from wsimil.inference import _claimed, _finish, _prediction_row, failed_status, write_scores
     from wsimil.progress import console, track
 
     b = bundle if isinstance(bundle, LRMILBundle) else load_lrmil_bundle(bundle)
@@ -302,8 +305,13 @@ def predict_to_folder(
     )
     ref = b.fold_bundle(pipes[0].fold)
     rows, status = [], []
+    remove_orphans(out, claim_timeout, recursive=False)
+    remove_orphans(out / "scores", claim_timeout, recursive=False)
     for spec in track(specs, "LRMIL predict"):
         t0 = time.perf_counter()
+        if not (claim := try_claim(out, spec.slide_id, claim_timeout)).held:
+            status.append(_claimed(spec.slide_id, "predict", claim.describe()))
+            continue
         try:
             s, grid = score_slide(b, pipes, spec, device)
             attrs = {
@@ -319,6 +327,8 @@ def predict_to_folder(
             status.append({"slide_id": spec.slide_id, "status": "ok", "stage": "", "error": ""})
         except Exception as e:  # noqa: BLE001 - one bad slide must not stop the batch
             status.append(failed_status(spec.slide_id, e))
+        finally:
+            claim.release()
         status[-1]["seconds"] = round(time.perf_counter() - t0, 3)
     return _finish(out, rows, status, ref)
 

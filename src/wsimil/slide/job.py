@@ -4,7 +4,7 @@ status table. One bad slide fails alone; re-running skips slides whose outputs v
 Layout under ``JOB``::
 
     slides.csv                                   slide_id, path, mpp override (the job's slide list)
-    status.csv                                   slide_id, status (ok/skipped/failed), error, patches per mag
+    status.csv                                   slide_id, status (ok/skipped/failed/claimed), error, patches per mag
     tiling.yaml                                  the resolved settings
     {mag}x_{ps}px_0px_overlap/patches/{slide_id}_patches.h5    coords (N, 2) level-0 + attributes
     links/{slide_id}_links.h5                    links_{lo}x_{hi}x (N_lo, (hi/lo)²); "links" = coarsest→finest
@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from wsimil import __version__
+from wsimil.claims import CLAIM_TIMEOUT, merge_rows, remove_orphans, try_claim
 from wsimil.errors import WsimilError
 from wsimil.io import atomic_path, write_csv, write_yaml
 from wsimil.slide.reader import MPP_RANGE, READER_CHOICES, open_slide
@@ -65,7 +66,7 @@ class TileSettings:
     def key(self) -> str:
         """Hash of everything that changes the output files (not the reader backend)."""
         d = {
-            "mags": sorted(self.mags),
+            "mags": sorted(float(m) for m in self.mags),  # --mag 20 (CLI) and mags=[20] (API) tile the same
             "patch_size": self.patch_size,
             "min_tissue": self.min_tissue,
             "tissue": self.tissue.to_dict(),
@@ -291,16 +292,21 @@ def write_qc(
         tmp.write_bytes(buf.tobytes())
 
 
-def _run_one(spec: SlideSpec, job: Path, settings: TileSettings, overwrite: bool) -> dict:
+def _run_one(spec: SlideSpec, job: Path, settings: TileSettings, overwrite: bool, claim_timeout: float) -> dict:
     if not overwrite and outputs_valid(job, spec.slide_id, settings):
         return {"slide_id": spec.slide_id, "path": spec.path, "status": "skipped", "error": ""}
-    try:
-        return tile_slide(spec, job, settings)
-    except WsimilError as e:
-        return {"slide_id": spec.slide_id, "path": spec.path, "status": "failed", "error": str(e)}
-    except Exception as e:  # noqa: BLE001 - one bad slide must not stop the batch
-        tb = traceback.format_exception_only(type(e), e)[-1].strip()
-        return {"slide_id": spec.slide_id, "path": spec.path, "status": "failed", "error": f"unexpected: {tb}"}
+    with try_claim(job, spec.slide_id, claim_timeout) as claim:
+        if not claim.held:  # another worker sharing the job tiles it
+            return {"slide_id": spec.slide_id, "path": spec.path, "status": "claimed", "error": claim.describe()}
+        if not overwrite and outputs_valid(job, spec.slide_id, settings):  # finished by another worker meanwhile
+            return {"slide_id": spec.slide_id, "path": spec.path, "status": "skipped", "error": ""}
+        try:
+            return tile_slide(spec, job, settings)
+        except WsimilError as e:
+            return {"slide_id": spec.slide_id, "path": spec.path, "status": "failed", "error": str(e)}
+        except Exception as e:  # noqa: BLE001 - one bad slide must not stop the batch
+            tb = traceback.format_exception_only(type(e), e)[-1].strip()
+            return {"slide_id": spec.slide_id, "path": spec.path, "status": "failed", "error": f"unexpected: {tb}"}
 
 
 def run_tiling(
@@ -309,15 +315,18 @@ def run_tiling(
     settings: TileSettings,
     workers: int = 1,
     overwrite: bool = False,
+    claim_timeout: float = CLAIM_TIMEOUT,
 ) -> pd.DataFrame:
     """Tile every slide (in ``workers`` processes); write ``slides.csv``, ``status.csv`` and ``tiling.yaml``.
-    Returns the status table; failed slides are listed there with their error."""
+    Returns the status table; failed slides are listed there with their error. Several runs may share ``job``
+    (:mod:`wsimil.claims`): each slide is tiled by the run that claims it; the others list it as ``claimed``."""
     from wsimil.progress import make_progress
 
     job = Path(job)
     settings.validate()
     specs = collect_slides(slides) if not isinstance(slides, list) else slides
     job.mkdir(parents=True, exist_ok=True)
+    remove_orphans(job, claim_timeout)
     write_csv(
         job / "slides.csv",
         pd.DataFrame([{"slide_id": s.slide_id, "path": s.path, "mpp": s.mpp, **s.extra} for s in specs]),
@@ -329,15 +338,16 @@ def run_tiling(
         task = progress.add_task("Tiling slides", total=len(specs), info="")
         if workers <= 1:
             for s in specs:
-                rows[s.slide_id] = _run_one(s, job, settings, overwrite)
+                rows[s.slide_id] = _run_one(s, job, settings, overwrite, claim_timeout)
                 progress.update(task, advance=1, info=f"{s.slide_id}: {rows[s.slide_id]['status']}")
         else:
             with ProcessPoolExecutor(workers) as pool:
-                futures = {pool.submit(_run_one, s, job, settings, overwrite): s for s in specs}
+                futures = {pool.submit(_run_one, s, job, settings, overwrite, claim_timeout): s for s in specs}
                 for fut in as_completed(futures):
                     s = futures[fut]
                     rows[s.slide_id] = fut.result()
                     progress.update(task, advance=1, info=f"{s.slide_id}: {rows[s.slide_id]['status']}")
     table = pd.DataFrame([rows[s.slide_id] for s in specs])
-    write_csv(job / "status.csv", table)
+    owned = [s for s, r in rows.items() if r["status"] != "claimed"]
+    merge_rows(job / "status.csv", list(rows.values()), [s.slide_id for s in specs], owned)
     return table
