@@ -138,8 +138,12 @@ def test_report_contents(synth_run):
     d, _ = synth_run
     text = _report(synth_run).read_text()
     res = json.loads((d / "run" / "results.json").read_text())
+    # 2-slide folds (and 4 slides pooled) are too small for a bootstrap CI: the report says so instead of [1, 1]
     ci = res["folds"][1]["ci"]["accuracy"]
-    assert f"{ci['value']:.3f} <span class='sub'>[{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]" in text
+    assert ci["too_small"] and ci["ci_low"] is None
+    assert text.count("<span class='sub'>n/a (fold too small)</span></td></tr>") == 2  # one per fold row
+    assert "<h3>Pooled out-of-fold" in text and res["pooled"][0]["n"] == 4
+    assert "<span class='sub'>n/a (too few slides)</span>" in text
     auc = res["metrics"]["auc"]
     assert f"{auc['mean']:.3f} ± {auc['std']:.3f}" in text
     for section in ("Out-of-fold predictions", "Training curves", "Per-slide predictions", "Configuration"):
@@ -178,8 +182,7 @@ def test_report_lrmil_comparison_and_heads(synth_run, tmp_path):
     for name, v in (("HR teacher (20×)", "0.951 ± 0.011"), ("LR student (5×)", "0.903 ± 0.021")):
         assert re.search(re.escape(name) + r"</td><td[^>]*>" + re.escape(v), text)
     assert "LR baseline (5×) per fold (95% CI)" in text
-    ci = plain["folds"][0]["ci"]["auc"]
-    assert f"{ci['value']:.3f} <span class='sub'>[{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]" in text
+    assert "n/a (fold too small)" in text.split("LR baseline (5×) per fold (95% CI)")[1]
     assert "patches_per_slide / lr</td><td" in text and "12.500" in text and 'alt="seconds per slide"' in text
     assert "Head <code>teacher</code>" in text and "0.812 ± 0.004" in text
     assert 'alt="ROC curves"' in text and "synth_0003</td>" in text  # the student's out-of-fold predictions
@@ -205,3 +208,32 @@ def test_report_renders_in_headless_chromium(synth_run):
     assert shot.shape[1] >= 1200 and shot.shape[0] > 2000  # the whole page (less a scroll bar)
     assert shot.std() > 30 and len(np.unique(shot.reshape(-1, 3), axis=0)) > 1000  # not blank: plots and slides
     assert page.title.startswith("wsimil report")
+
+
+def test_report_compares_runs_with_notes(synth_run, tmp_path):
+    """A second run beside the first (the demo's 5× beside its 20×): one comparison row each, with the pooled
+    out-of-fold AUC, then the other run's curves and heatmaps; notes under the title; per-slide heatmaps titled
+    with probability, prediction and label."""
+    d, _ = synth_run
+    other = tmp_path / "other"
+    shutil.copytree(d / "run", other)
+    res = json.loads((other / "results.json").read_text())
+    res["metrics"]["auc"] = {"mean": 0.123, "std": 0.045}
+    res["pooled"] = [{"repeat": 0, "n": 40, "metrics": {"auc": {"value": 0.61, "ci_low": 0.42, "ci_high": 0.78}}}]
+    (other / "results.json").write_text(json.dumps(res))
+    from wsimil.report import build_report
+
+    out = build_report(d / "run", tmp_path / "r.html", max_heatmaps=1, heatmap_size=400, label="20×",
+                       compare={"5×": other}, notes=["the 5× result is low by design"])  # fmt: skip
+    text = out.read_text()
+    assert "<b>Note:</b> the 5× result is low by design" in text
+    rows = re.findall(
+        r"<tr><td class=\"l\">(20×|5×)</td><td[^>]*>(\d+)</td><td[^>]*>([^<]+)</td><td[^>]*>([^<]+)", text
+    )
+    assert [r[0] for r in rows] == ["20×", "5×"]
+    assert rows[1][1:] == ("40", "0.123 ± 0.045", "0.610 ")
+    assert "0.610 <span class='sub'>[0.420, 0.780]</span>" in text
+    assert "<h2>5×: other</h2>" in text and text.count('alt="ROC curves"') == 2
+    assert 'alt="heatmap synth_0000"' in text and text.count('alt="heatmap synth_0000"') == 2  # one per run
+    with pytest.raises(Exception, match="not a finished wsimil run"):
+        build_report(d / "run", tmp_path / "r2.html", max_heatmaps=0, compare={"x": tmp_path / "nothing"})
