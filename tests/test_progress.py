@@ -31,3 +31,17 @@ def test_progress_bars_stay_readable(monkeypatch, width):
     assert "━" in last[1]  # a bar is still drawn
     assert "last test auc" in last[0] and "loss 0.693" in last[1]
     assert "Encoding a_slide" in last[2] and "…" in last[2]  # a long description is cut, not the counts
+
+
+def test_eta_is_estimated_for_slow_steps(monkeypatch):
+    """Steps of a minute each still give an eta (rich's default window of 30 s would show -:--:--)."""
+    clock = [0.0]
+    monkeypatch.setenv("WSIMIL_PROGRESS", "0")
+    p = progress.make_progress()
+    monkeypatch.setattr(p, "get_time", lambda: clock[0])
+    task = p.add_task("slides", total=10, info="")
+    p.start_task(task)
+    for _ in range(3):
+        clock[0] += 60
+        p.advance(task)
+    assert p.tasks[0].time_remaining == pytest.approx(7 * 60)

@@ -53,7 +53,9 @@ def make_progress() -> Progress:
     ]
     used = desc + bar + count + 11 + (0 if narrow else 7) + len(columns)  # + one space between columns
     columns.append(TextColumn("{task.fields[info]}", table_column=cut(width - used - 1)))
-    return Progress(*columns, console=console, disable=not enabled(), transient=False, expand=False)
+    # the speed (hence the eta) is estimated over 10 minutes, not rich's 30 s: a slide can take longer than 30 s
+    return Progress(*columns, console=console, disable=not enabled(), transient=False, expand=False,
+                    speed_estimate_period=600)  # fmt: skip
 
 
 def track(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
