@@ -120,7 +120,8 @@ def test_heatmap_of_a_run(synth_run, tmp_path):
     d, _ = synth_run
     res = runner.invoke(app, ["heatmap", "--run", str(d / "run"), "--out", str(tmp_path), "--size", "400"])
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == [f"synth_000{i}__attention.png" for i in range(4)]
+    want = [f"synth_000{i}__{m}.png" for i in range(4) for m in ("attention", "evidence-1")]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == want  # ABMIL: attention and patch evidence
     res = runner.invoke(app, ["heatmap", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "exactly one of --model" in res.output
 
@@ -148,10 +149,11 @@ def test_report_contents(synth_run):
     assert f"{auc['mean']:.3f} ± {auc['std']:.3f}" in text
     for section in ("Out-of-fold predictions", "Training curves", "Per-slide predictions", "Configuration"):
         assert f"<h2>{section}" in text
-    for alt in ("ROC curves", "precision-recall curves", "confusion matrix", "calibration", "heatmap synth_0003"):
+    for alt in ("ROC curves", "precision-recall curves", "confusion matrix", "calibration", "heatmap synth_0003",
+                "heatmap synth_0003 evidence"):  # fmt: skip
         assert f'alt="{alt}"' in text
     imgs = re.findall(r'src="data:image/(png|jpeg);base64,([^"]+)"', text)
-    assert len(imgs) == 4 + 1 + 4  # ROC, PR, confusion, calibration; training curves; a heatmap per slide
+    assert len(imgs) == 4 + 1 + 8  # ROC, PR, confusion, calibration; training curves; 2 heatmaps per slide
     for kind, data in imgs:
         raw = base64.b64decode(data)
         assert raw[:4] == (b"\x89PNG" if kind == "png" else b"\xff\xd8\xff\xe0")
@@ -198,7 +200,7 @@ def test_report_renders_in_headless_chromium(synth_run):
     page = load_page(path)
     assert page.console_errors == []
     n_img = len(re.findall(r"<img ", path.read_text()))
-    assert len(page.images) == n_img == 9
+    assert len(page.images) == n_img == 13
     assert all(i["complete"] and i["width"] > 100 and i["height"] > 100 for i in page.images), page.images
     from io import BytesIO
 

@@ -28,7 +28,7 @@ FIVE_X_NOTE = (
     "ABMIL at 5× is expected near chance (AUC about 0.5) by design: the synthetic tumour differs from normal "
     "tissue in its nuclear chromatin texture, a ~1 µm pattern that 20× (0.5 µm/px) resolves and 5× (2 µm/px) "
     "averages away, leaving only a faint difference in nuclear density. Closing this gap at 5× is what LRMIL "
-    "(`wsimil lrmil`) is for."
+    "(wsimil lrmil) is for."
 )
 
 

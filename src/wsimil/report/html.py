@@ -262,6 +262,15 @@ def _pick_map(maps: dict[str, np.ndarray], kind: str, predicted: str) -> str:
     return names[0]
 
 
+def _report_maps(maps: dict[str, np.ndarray], kind: str, predicted: str) -> list[str]:
+    """The maps shown for a slide: the one :func:`_pick_map` picks, preceded by ABMIL's patch evidence for the
+    predicted (binary: positive) class when the model has it."""
+    main = _pick_map({k: v for k, v in maps.items() if not k.startswith("evidence")} or maps, kind, predicted)
+    evidence = [k for k in maps if k.startswith("evidence")]
+    pick = [k for k in evidence if k == f"evidence:{predicted}"] or evidence[:1]
+    return [*pick, main] if main not in pick else pick
+
+
 def _classification_table(first: pd.DataFrame, classes: list[str]) -> str:
     """Slide, fold, label, predicted class (argmax), ✓/✗ and class probabilities; adds ``predicted`` to ``first``."""
     prob_cols = [f"prob_{c}" for c in classes if f"prob_{c}" in first.columns]
@@ -312,26 +321,29 @@ def _slides_section(
     for s in scored:
         if s.slide_path is None or s.coords is None or s.patch_size_level0 is None:
             continue
-        name = _pick_map(s.scores.maps, s.scores.kind, str(pmap.get(s.slide_id, "")))
-        h = run_heatmap_input(s, name, classes or None, truth.get(s.slide_id))
-        try:
-            rgb = render_heatmap(h, None, size, top_k)
-        except WsimilError as e:
-            notes.append(html.escape(str(e)))
-            continue
-        cap = f"<b>{html.escape(s.slide_id)}</b> — {html.escape(name)}, fold {s.fold} model (held out)"
-        if s.slide_id in pmap:
-            cap += f"; predicted {html.escape(str(pmap[s.slide_id]))}"
-        cards.append(f'<div class="card">{_img(_jpeg(rgb), f"heatmap {s.slide_id}", "image/jpeg")}'
-                     f'<div class="cap">{cap}</div></div>')  # fmt: skip
+        for name in _report_maps(s.scores.maps, s.scores.kind, str(pmap.get(s.slide_id, ""))):
+            h = run_heatmap_input(s, name, classes or None, truth.get(s.slide_id))
+            try:
+                rgb = render_heatmap(h, None, size, top_k)
+            except WsimilError as e:
+                notes.append(html.escape(str(e)))
+                continue
+            cap = f"<b>{html.escape(s.slide_id)}</b> — {html.escape(name)}, fold {s.fold} model (held out)"
+            if s.slide_id in pmap:
+                cap += f"; predicted {html.escape(str(pmap[s.slide_id]))}"
+            alt = f"heatmap {s.slide_id}" + (" evidence" if name.startswith("evidence") else "")
+            cards.append(f'<div class="card">{_img(_jpeg(rgb), alt, "image/jpeg")}'
+                         f'<div class="cap">{cap}</div></div>')  # fmt: skip
     if cards:
         parts.append(
             "<h3>Heatmaps</h3><p class='note'>Each slide scored by the fold model that did not train on it; its "
             "probability, prediction and label are in each title. Colours use one scale for every slide: "
             "attention as attention × N (1 = the uniform share of the slide's N patches, log scale from 1/16 to 16), "
             "instance probabilities on 0–1. Attention shows where the model looks, not whether the slide is "
-            "positive. Tissue contours in black, ground-truth tumour (when the cohort has masks) in magenta, the "
-            f"top-{top_k} patches outlined, numbered and shown below each slide.</p>"
+            "positive; for ABMIL the map beside it, <i>evidence</i>, is the slide classifier applied to each patch "
+            "alone (the slide's logit is the attention-weighted mean of these patch logits), so a negative slide "
+            "stays blue there. Tissue contours in black, ground-truth tumour (when the cohort has masks) in "
+            f"magenta, the top-{top_k} patches outlined, numbered and shown below each slide.</p>"
         )
         parts.append('<div class="cards">' + "".join(cards) + "</div>")
         if len(first) > max_heatmaps:

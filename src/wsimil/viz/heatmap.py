@@ -5,7 +5,8 @@ gives the slide's predicted probability, the predicted class and the label when 
 Colour scales (``scale``):
 
 - ``absolute`` (default) puts every slide on one fixed scale, so two slides' colours can be compared. Instance
-  probabilities are shown as they are, on 0–1. Softmax attention sums to 1 over a slide's N patches, so a raw
+  probabilities and ABMIL's patch evidence (the bag classifier applied to each patch alone) are shown as they are,
+  on 0–1: a confidently negative slide stays blue. Softmax attention sums to 1 over a slide's N patches, so a raw
   weight shrinks as the slide grows; it is shown as ``attention × N`` (1 = the uniform share, > 1 = the model
   weighs the patch more than an average patch) on a log scale clipped to [1/16, 16]. That is still *where the
   model looks*, not whether the slide is positive: a confidently negative slide can concentrate its attention too,
@@ -87,6 +88,12 @@ def strip_value(values: np.ndarray, i: int, scale: str, kind: str) -> str:
 
 def _ratio(log2: float) -> str:
     return str(int(2**log2)) if log2 >= 0 else f"1/{int(2**-log2)}"
+
+
+def map_kind(name: str) -> str:
+    """``"instance"`` for maps of per-patch probabilities (``instance:…`` and ABMIL's ``evidence:…``, see
+    :mod:`wsimil.inference`), ``"attention"`` for the rest."""
+    return "instance" if name.split(":")[0] in ("instance", "evidence") else "attention"
 
 
 def top_k(values: np.ndarray, k: int) -> np.ndarray:
@@ -375,7 +382,7 @@ def heatmaps_from_scores(
     classes = json.loads(a["classes"]) if "classes" in a else [str(i) for i in range(len(probs))]
     out = []
     for name in names:
-        kind = "instance" if name.startswith("instance") else "attention"
+        kind = map_kind(name)
         h = HeatmapInput(sid, str(path), s["coords"], float(a["patch_size_level0"]), s["maps"][name], name, kind,
                          a.get("mag"), a.get("mpp"), "ensemble of the bundle's models", probs, classes,
                          **_truth_kw(truth or {}))  # fmt: skip
@@ -430,7 +437,7 @@ def run_truth(run: str | Path, slides: str | Path | None = None) -> dict[str, di
 
 def run_heatmap_input(s, name: str, classes: list[str] | None, truth: dict | None) -> HeatmapInput:
     """The :class:`HeatmapInput` of one map of a slide scored out of fold (:class:`wsimil.inference.RunSlide`)."""
-    kind = "instance" if name.startswith("instance") else "attention"
+    kind = map_kind(name)
     return HeatmapInput(s.slide_id, s.slide_path, s.coords, s.patch_size_level0, s.scores.maps[name], name, kind,
                         s.mag, subtitle=f"fold {s.fold} model (this slide was in its test part)",
                         probs=s.scores.probs, classes=classes, **_truth_kw(truth or {}))  # fmt: skip
