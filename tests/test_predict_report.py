@@ -60,7 +60,10 @@ def test_predict_matches_training_features_and_reports_bad_slides(synth_run, tmp
     good = d / "cohort" / "slides" / "synth_0000.svs"
     bad = tmp_path / "broken.svs"
     bad.write_bytes(good.read_bytes()[:5000])
-    pd.DataFrame({"path": [str(good), str(bad)]}).to_csv(tmp_path / "slides.csv", index=False)
+    mask = d / "cohort" / "masks" / "synth_0000_tumor.png"
+    pd.DataFrame({"path": [str(good), str(bad)], "label": ["0", "1"], "tumor_mask": [str(mask), ""]}).to_csv(
+        tmp_path / "slides.csv", index=False
+    )
     args = ["predict", "--model", str(d / "run" / "bundle"), "--slides", str(tmp_path / "slides.csv")]
     res = runner.invoke(app, [*args, "--out", str(tmp_path / "p"), "--device", "cpu"])
     assert res.exit_code == 1, res.output
@@ -79,6 +82,14 @@ def test_predict_matches_training_features_and_reports_bad_slides(synth_run, tmp
 
     sc = read_scores(tmp_path / "p" / "scores" / "synth_0000.h5")
     assert sc["coords"].tolist() == bag.coords.tolist() and abs(sc["maps"]["attention"].sum() - 1) < 1e-4
+
+    # heatmaps of the predictions find the label and the tumour mask in the prediction's job table
+    from wsimil.viz.heatmap import heatmaps_for_predictions, slide_truth
+
+    truth = slide_truth(tmp_path / "p" / "job" / "slides.csv")["synth_0000"]
+    assert truth["label"] == "0" and truth["tumor_mask"] == str(mask)
+    pngs, failed = heatmaps_for_predictions(tmp_path / "p", tmp_path / "h", size=400, k=2)
+    assert [p.name for p in pngs] == ["synth_0000__attention.png", "synth_0000__evidence-1.png"] and not failed
 
     # a second run reuses the cached tiles and features
     res = runner.invoke(app, [*args, "--out", str(tmp_path / "p"), "--device", "cpu"])
