@@ -151,6 +151,10 @@ def test_demo_end_to_end(tmp_path):
     # the demo ends with the 20x model's bundle and an HTML report, and prints where they are
     assert (tmp_path / "d" / "bundle" / "bundle.json").is_file() and (tmp_path / "d" / "report.html").is_file()
     assert str((tmp_path / "d" / "report.html").resolve()) in res.output.replace("\n", "")
+    # the report shows both magnifications, and the demo says why 5x is low
+    text = (tmp_path / "d" / "report.html").read_text()
+    assert "<h2>Runs compared" in text and "<h2>ABMIL at 5×: run_5x</h2>" in text and "averages away" in text
+    assert "near chance" in res.output
 
 
 def test_feature_width_mismatch_message(tmp_path):

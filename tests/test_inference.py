@@ -26,7 +26,7 @@ def test_attention_map_is_member_mean_of_softmax_weights():
     x = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
     members = _models("abmil", 5, 2)
     s = score_bag(members, x.numpy(), _bundle(["neg", "pos"]))
-    assert list(s.maps) == ["attention"] and s.kind == "attention"
+    assert list(s.maps) == ["attention", "evidence:pos"] and s.kind == "attention"
     outs = [m(x[None]) for m, _ in members]
     want = torch.stack([torch.softmax(o.attention_logits[0], -1) for o in outs]).mean(0)
     np.testing.assert_allclose(s.maps["attention"], want.detach().numpy(), rtol=1e-5)
@@ -112,3 +112,20 @@ def test_maps_cover_every_patch(name):
     x = np.random.default_rng(1).normal(size=(11, 5)).astype(np.float32)
     s = score_bag(_models(name, 5, 2, n=2), x, _bundle(["a", "b"]))
     assert all(v.shape == (11,) and np.isfinite(v).all() for v in s.maps.values())
+
+
+def test_abmil_patch_evidence_decomposes_the_bag_logit():
+    """ABMIL's bag logit is the attention-weighted mean of its patch logits W h_i + b, and the evidence map is the
+    members' mean of softmax(W h_i + b) for the positive class (one map per class for multi-class models)."""
+    x = torch.randn(9, 5, generator=torch.Generator().manual_seed(1))
+    members = _models("abmil", 5, 2)
+    for m, _ in members:
+        out = m(x[None])
+        a = torch.softmax(out.attention_logits[0], -1)
+        torch.testing.assert_close((a[:, None] * m.patch_logits(x[None])[0]).sum(0), out.logits[0])
+    s = score_bag(members, x.numpy(), _bundle(["neg", "pos"]))
+    want = torch.stack([torch.softmax(m.patch_logits(x[None])[0], -1)[:, 1] for m, _ in members]).mean(0)
+    np.testing.assert_allclose(s.maps["evidence:pos"], want.detach().numpy(), rtol=1e-5)
+    s3 = score_bag(_models("abmil", 5, 3), x.numpy(), _bundle(["a", "b", "c"]))
+    assert [k for k in s3.maps if k.startswith("evidence")] == ["evidence:a", "evidence:b", "evidence:c"]
+    np.testing.assert_allclose(sum(s3.maps[f"evidence:{c}"] for c in "abc"), 1, rtol=1e-5)

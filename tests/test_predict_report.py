@@ -60,7 +60,10 @@ def test_predict_matches_training_features_and_reports_bad_slides(synth_run, tmp
     good = d / "cohort" / "slides" / "synth_0000.svs"
     bad = tmp_path / "broken.svs"
     bad.write_bytes(good.read_bytes()[:5000])
-    pd.DataFrame({"path": [str(good), str(bad)]}).to_csv(tmp_path / "slides.csv", index=False)
+    mask = d / "cohort" / "masks" / "synth_0000_tumor.png"
+    pd.DataFrame({"path": [str(good), str(bad)], "label": ["0", "1"], "tumor_mask": [str(mask), ""]}).to_csv(
+        tmp_path / "slides.csv", index=False
+    )
     args = ["predict", "--model", str(d / "run" / "bundle"), "--slides", str(tmp_path / "slides.csv")]
     res = runner.invoke(app, [*args, "--out", str(tmp_path / "p"), "--device", "cpu"])
     assert res.exit_code == 1, res.output
@@ -79,6 +82,14 @@ def test_predict_matches_training_features_and_reports_bad_slides(synth_run, tmp
 
     sc = read_scores(tmp_path / "p" / "scores" / "synth_0000.h5")
     assert sc["coords"].tolist() == bag.coords.tolist() and abs(sc["maps"]["attention"].sum() - 1) < 1e-4
+
+    # heatmaps of the predictions find the label and the tumour mask in the prediction's job table
+    from wsimil.viz.heatmap import heatmaps_for_predictions, slide_truth
+
+    truth = slide_truth(tmp_path / "p" / "job" / "slides.csv")["synth_0000"]
+    assert truth["label"] == "0" and truth["tumor_mask"] == str(mask)
+    pngs, failed = heatmaps_for_predictions(tmp_path / "p", tmp_path / "h", size=400, k=2)
+    assert [p.name for p in pngs] == ["synth_0000__attention.png", "synth_0000__evidence-1.png"] and not failed
 
     # a second run reuses the cached tiles and features
     res = runner.invoke(app, [*args, "--out", str(tmp_path / "p"), "--device", "cpu"])
@@ -120,7 +131,8 @@ def test_heatmap_of_a_run(synth_run, tmp_path):
     d, _ = synth_run
     res = runner.invoke(app, ["heatmap", "--run", str(d / "run"), "--out", str(tmp_path), "--size", "400"])
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == [f"synth_000{i}__attention.png" for i in range(4)]
+    want = [f"synth_000{i}__{m}.png" for i in range(4) for m in ("attention", "evidence-1")]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == want  # ABMIL: attention and patch evidence
     res = runner.invoke(app, ["heatmap", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "exactly one of --model" in res.output
 
@@ -138,16 +150,21 @@ def test_report_contents(synth_run):
     d, _ = synth_run
     text = _report(synth_run).read_text()
     res = json.loads((d / "run" / "results.json").read_text())
+    # 2-slide folds (and 4 slides pooled) are too small for a bootstrap CI: the report says so instead of [1, 1]
     ci = res["folds"][1]["ci"]["accuracy"]
-    assert f"{ci['value']:.3f} <span class='sub'>[{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]" in text
+    assert ci["too_small"] and ci["ci_low"] is None
+    assert text.count("<span class='sub'>n/a (fold too small)</span></td></tr>") == 2  # one per fold row
+    assert "<h3>Pooled out-of-fold" in text and res["pooled"][0]["n"] == 4
+    assert "<span class='sub'>n/a (too few slides)</span>" in text
     auc = res["metrics"]["auc"]
     assert f"{auc['mean']:.3f} ± {auc['std']:.3f}" in text
     for section in ("Out-of-fold predictions", "Training curves", "Per-slide predictions", "Configuration"):
         assert f"<h2>{section}" in text
-    for alt in ("ROC curves", "precision-recall curves", "confusion matrix", "calibration", "heatmap synth_0003"):
+    for alt in ("ROC curves", "precision-recall curves", "confusion matrix", "calibration", "heatmap synth_0003",
+                "heatmap synth_0003 evidence"):  # fmt: skip
         assert f'alt="{alt}"' in text
     imgs = re.findall(r'src="data:image/(png|jpeg);base64,([^"]+)"', text)
-    assert len(imgs) == 4 + 1 + 4  # ROC, PR, confusion, calibration; training curves; a heatmap per slide
+    assert len(imgs) == 4 + 1 + 8  # ROC, PR, confusion, calibration; training curves; 2 heatmaps per slide
     for kind, data in imgs:
         raw = base64.b64decode(data)
         assert raw[:4] == (b"\x89PNG" if kind == "png" else b"\xff\xd8\xff\xe0")
@@ -178,8 +195,7 @@ def test_report_lrmil_comparison_and_heads(synth_run, tmp_path):
     for name, v in (("HR teacher (20×)", "0.951 ± 0.011"), ("LR student (5×)", "0.903 ± 0.021")):
         assert re.search(re.escape(name) + r"</td><td[^>]*>" + re.escape(v), text)
     assert "LR baseline (5×) per fold (95% CI)" in text
-    ci = plain["folds"][0]["ci"]["auc"]
-    assert f"{ci['value']:.3f} <span class='sub'>[{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]" in text
+    assert "n/a (fold too small)" in text.split("LR baseline (5×) per fold (95% CI)")[1]
     assert "patches_per_slide / lr</td><td" in text and "12.500" in text and 'alt="seconds per slide"' in text
     assert "Head <code>teacher</code>" in text and "0.812 ± 0.004" in text
     assert 'alt="ROC curves"' in text and "synth_0003</td>" in text  # the student's out-of-fold predictions
@@ -195,7 +211,7 @@ def test_report_renders_in_headless_chromium(synth_run):
     page = load_page(path)
     assert page.console_errors == []
     n_img = len(re.findall(r"<img ", path.read_text()))
-    assert len(page.images) == n_img == 9
+    assert len(page.images) == n_img == 13
     assert all(i["complete"] and i["width"] > 100 and i["height"] > 100 for i in page.images), page.images
     from io import BytesIO
 
@@ -238,3 +254,32 @@ def test_predict_leaves_claimed_slides_to_other_workers(synth_run, tmp_path):
     pred = pd.read_csv(out / "predictions.csv")
     assert pred["slide_id"].tolist() == ["synth_0000", "synth_0001"]  # the first run's row is kept
     assert pred.iloc[0]["prob_1"] == first["prob_1"]
+
+
+def test_report_compares_runs_with_notes(synth_run, tmp_path):
+    """A second run beside the first (the demo's 5× beside its 20×): one comparison row each, with the pooled
+    out-of-fold AUC, then the other run's curves and heatmaps; notes under the title; per-slide heatmaps titled
+    with probability, prediction and label."""
+    d, _ = synth_run
+    other = tmp_path / "other"
+    shutil.copytree(d / "run", other)
+    res = json.loads((other / "results.json").read_text())
+    res["metrics"]["auc"] = {"mean": 0.123, "std": 0.045}
+    res["pooled"] = [{"repeat": 0, "n": 40, "metrics": {"auc": {"value": 0.61, "ci_low": 0.42, "ci_high": 0.78}}}]
+    (other / "results.json").write_text(json.dumps(res))
+    from wsimil.report import build_report
+
+    out = build_report(d / "run", tmp_path / "r.html", max_heatmaps=1, heatmap_size=400, label="20×",
+                       compare={"5×": other}, notes=["the 5× result is low by design"])  # fmt: skip
+    text = out.read_text()
+    assert "<b>Note:</b> the 5× result is low by design" in text
+    rows = re.findall(
+        r"<tr><td class=\"l\">(20×|5×)</td><td[^>]*>(\d+)</td><td[^>]*>([^<]+)</td><td[^>]*>([^<]+)", text
+    )
+    assert [r[0] for r in rows] == ["20×", "5×"]
+    assert rows[1][1:] == ("40", "0.123 ± 0.045", "0.610 ")
+    assert "0.610 <span class='sub'>[0.420, 0.780]</span>" in text
+    assert "<h2>5×: other</h2>" in text and text.count('alt="ROC curves"') == 2
+    assert 'alt="heatmap synth_0000"' in text and text.count('alt="heatmap synth_0000"') == 2  # one per run
+    with pytest.raises(Exception, match="not a finished wsimil run"):
+        build_report(d / "run", tmp_path / "r2.html", max_heatmaps=0, compare={"x": tmp_path / "nothing"})

@@ -175,7 +175,8 @@ def evaluate(
 
     res = evaluate_run(run, features, manifest, out, device=device, n_boot=bootstrap, seed=seed)
     for k, v in res["ensemble"]["metrics"].items():
-        console.print(f"  {k:18s} {_fmt(v['value'])}  [95% CI {_fmt(v['ci_low'])}–{_fmt(v['ci_high'])}]")
+        ci = "n/a (too few slides of a class)" if v.get("too_small") else f"{_fmt(v['ci_low'])}–{_fmt(v['ci_high'])}"
+        console.print(f"  {k:18s} {_fmt(v['value'])}  [95% CI {ci}]")
     console.print(f"Results: {out / 'results.json'}")
 
 
@@ -463,8 +464,8 @@ def heatmap(
     size: Annotated[int, typer.Option(help="PNG width in pixels.")] = 1600,
     top_k: Annotated[int, typer.Option(help="Top-scoring patches shown as a strip.")] = 8,
     scale: Annotated[
-        str, typer.Option(help="auto (attention: percentile in slide; probabilities: 0-1), rank, minmax, absolute.")
-    ] = "auto",
+        str, typer.Option(help="absolute (one scale for all slides: attention×N, probabilities 0-1), percentile.")
+    ] = "absolute",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ... (with --model/--run)")] = "auto",
     mpp: Annotated[float | None, typer.Option(help="Level-0 µm/px for slides whose metadata lacks it.")] = None,
     expect_sha256: Annotated[str | None, typer.Option(help=EXPECT_HELP)] = None,

@@ -2,7 +2,7 @@
 
 synthetic slides → tissue detection and paired tiling at 20× and 5× → ResNet-18 features at both magnifications
 → 5-fold ABMIL at each → results (the 20×/5× gap is what LRMIL closes) → the 20× model as a bundle
-(``DIR/bundle/``, for ``wsimil predict``) and an HTML report with heatmaps (``DIR/report.html``).
+(``DIR/bundle/``, for ``wsimil predict``) and an HTML report of both runs with heatmaps (``DIR/report.html``).
 
 No network is used: the encoder is randomly initialised from a fixed seed (a random CNN still separates the
 synthetic tumour texture at 20×); pass real weights to ``wsimil extract`` for real data.
@@ -22,6 +22,14 @@ from wsimil.progress import console
 from wsimil.report import build_report
 from wsimil.slide.job import TileSettings, run_tiling
 from wsimil.slide.synth import make_cohort
+
+#: why ABMIL at 5× is near chance on the demo cohort (printed with the results and shown in the report)
+FIVE_X_NOTE = (
+    "ABMIL at 5× is expected near chance (AUC about 0.5) by design: the synthetic tumour differs from normal "
+    "tissue in its nuclear chromatin texture, a ~1 µm pattern that 20× (0.5 µm/px) resolves and 5× (2 µm/px) "
+    "averages away, leaving only a faint difference in nuclear density. Closing this gap at 5× is what LRMIL "
+    "(wsimil lrmil) is for."
+)
 
 
 def run_demo(
@@ -71,18 +79,23 @@ def run_demo(
             bootstrap=200,
         )
         results[mag] = run_training(cfg, features_dir(job, st, 256), manifest, out / f"run_{mag:g}x")
-    console.print("5/5 Writing the 20x model bundle and the HTML report (out-of-fold heatmaps of every slide)")
+    console.print("5/5 Writing the 20x model bundle and the HTML report of both runs (out-of-fold heatmaps)")
     bundle = bundle_from_run(out / "run_20x", out / "bundle")
-    report = build_report(out / "run_20x", out / "report.html", heatmap_size=800)
+    report = build_report(out / "run_20x", out / "report.html", heatmap_size=800, label="ABMIL at 20×",
+                          compare={"ABMIL at 5×": out / "run_5x"}, notes=[FIVE_X_NOTE])  # fmt: skip
     console.rule("[bold]results")
     for mag, r in results.items():
         m = r["metrics"]
         inst = m.get("instance_auc", {}).get("mean")
         inst_s = f", instance AUC {inst:.3f} (attention vs. tumour masks)" if inst is not None else ""
+        pooled = (r.get("pooled") or [{}])[0].get("metrics", {}).get("auc") or {}
+        ci = f" [95% CI {pooled['ci_low']:.2f}–{pooled['ci_high']:.2f}]" if pooled.get("ci_low") is not None else ""
+        pooled_s = f", pooled out-of-fold AUC {pooled['value']:.3f}{ci}" if pooled.get("value") is not None else ""
         console.print(
-            f"ABMIL at {mag:g}x: AUC {m['auc']['mean']:.3f} ± {m['auc']['std']:.3f}, "
+            f"ABMIL at {mag:g}x: AUC {m['auc']['mean']:.3f} ± {m['auc']['std']:.3f} over folds{pooled_s}, "
             f"balanced accuracy {m['balanced_accuracy']['mean']:.3f}{inst_s}"
         )
+    console.print(f"[dim]{FIVE_X_NOTE}[/]")
     console.print(
         f"outputs ({time.perf_counter() - t_start:.0f} s):\n"
         f"  cohort   {(out / 'cohort').resolve()}  (slides, tumour masks, manifest.csv)\n"

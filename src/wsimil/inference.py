@@ -17,6 +17,8 @@ each member averaged over members — one map, or one per class when the model h
 (CLAM-MB, DSMIL, HMIL: ``attention:<class>``; HMIL's ``attention_maps`` give both levels, ``fine:<class>`` and
 ``coarse:<class>``); for instance models (``instance_score == "instance"``, e.g. WENO, max pooling) the instance
 class probabilities (``instance:<class>``; binary: the positive class only). The model's preferred kind comes first.
+ABMIL models add patch evidence (``evidence:<class>``, binary: the positive class): the bag classifier applied to
+each patch alone, ``softmax(W h_i + b)``, whose logits the bag logit is the attention-weighted mean of.
 """
 
 from __future__ import annotations
@@ -87,6 +89,9 @@ def member_maps(
     if out.instance_logits is not None:
         p = torch.softmax(out.instance_logits[0].float(), dim=-1).T  # (C, N)
         inst = {f"instance:{classes[1]}": p[1]} if len(classes) == 2 else _rows(p, classes, "instance")
+    if hasattr(model, "patch_logits"):  # ABMIL: each patch's class probability under the bag classifier
+        p = torch.softmax(model.patch_logits(x)[0].float(), dim=-1).T  # (C, N)
+        inst.update({f"evidence:{classes[1]}": p[1]} if len(classes) == 2 else _rows(p, classes, "evidence"))
     prefer = getattr(model, "instance_score", "attention")
     if prefer == "instance" and inst:
         return att, inst, "instance"

@@ -8,8 +8,10 @@ from wsimil.evaluation.metrics import (
     classification_metrics,
     instance_auc,
     nan_to_none,
+    pooled_oof,
     summarize,
     summarize_repeats,
+    too_small_for_ci,
 )
 
 
@@ -88,3 +90,28 @@ def test_metrics_match_scikit_learn(n_classes):
         labels = list(range(n_classes))
         assert m["f1_macro"] == pytest.approx(f1_score(y, pred, average="macro", labels=labels, zero_division=0))
         assert m["f1_weighted"] == pytest.approx(f1_score(y, pred, average="weighted", labels=labels, zero_division=0))
+
+
+def test_bootstrap_ci_refuses_folds_too_small_to_have_one():
+    """2 slides of each class: every resample that has both classes ranks them perfectly, so a percentile CI would
+    read AUC [1, 1]; instead the interval is missing and marked too small, and the point value stays."""
+    y = np.array([0, 0, 1, 1])
+    p1 = np.array([0.1, 0.2, 0.8, 0.9])
+    ci = bootstrap_ci(y, np.stack([1 - p1, p1], 1), n_boot=100)
+    assert ci["auc"]["value"] == 1.0 and ci["auc"]["too_small"] is True
+    assert math.isnan(ci["auc"]["ci_low"]) and math.isnan(ci["auc"]["ci_high"])
+    assert too_small_for_ci(np.array([0] * 5 + [1] * 4), 2) and not too_small_for_ci(np.array([0] * 5 + [1] * 5), 2)
+    assert too_small_for_ci(np.array([0] * 9), 2)  # a class absent
+    assert "too_small" not in bootstrap_ci(y, np.stack([1 - p1, p1], 1), n_boot=20, min_per_class=2)["auc"]
+
+
+def test_pooled_oof_gives_an_interval_per_repeat():
+    rng = np.random.default_rng(0)
+    y = np.tile(np.repeat([0, 1], 10), 2)  # two repeats of the same 20 slides
+    p1 = np.clip(y * 0.4 + rng.uniform(0, 0.6, 40), 0, 1)
+    out = pooled_oof(y, np.stack([1 - p1, p1], 1), np.repeat([0, 1], 20), n_boot=100)
+    assert [(r["repeat"], r["n"]) for r in out] == [(0, 20), (1, 20)]
+    for r, sl in zip(out, (slice(0, 20), slice(20, 40)), strict=True):
+        auc = r["metrics"]["auc"]
+        assert auc["value"] == pytest.approx(classification_metrics(y[sl], np.stack([1 - p1, p1], 1)[sl])["auc"])
+        assert auc["ci_low"] <= auc["value"] <= auc["ci_high"] and "too_small" not in auc

@@ -1,7 +1,10 @@
 """Slide-level classification metrics, bootstrap confidence intervals and instance-level AUC.
 
 AUC is the positive-class probability's ROC AUC for two classes and the one-vs-rest macro AUC otherwise.
-Metrics that are undefined on a set (AUC with one class present) are ``NaN`` and written as ``null``.
+Metrics that are undefined on a set (AUC with one class present) are ``NaN`` and written as ``null``. A bootstrap
+CI needs at least :data:`MIN_PER_CLASS` slides of every class: below that the resamples hold one or two slides of a
+class and their percentiles say nothing (a 4-slide fold reads AUC [1, 1]), so the interval is ``null`` with
+``"too_small": true``; pool the out-of-fold predictions (:func:`pooled_oof`) for an interval instead.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import numpy as np
 from scipy.stats import rankdata
 
 METRICS = ("auc", "accuracy", "balanced_accuracy", "f1_macro", "f1_weighted")
+#: fewest slides of each class for which a bootstrap CI is computed
+MIN_PER_CLASS = 5
 
 
 def binary_auc(y: np.ndarray, score: np.ndarray) -> float:
@@ -60,11 +65,26 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]
     }
 
 
+def too_small_for_ci(y: np.ndarray, n_classes: int, min_per_class: int = MIN_PER_CLASS) -> bool:
+    """Whether some class has fewer than ``min_per_class`` slides in ``y`` (class indices ``0…n_classes−1``)."""
+    counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=n_classes)
+    return bool((counts < min_per_class).any())
+
+
 def bootstrap_ci(
-    y: np.ndarray, probs: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+    y: np.ndarray,
+    probs: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    min_per_class: int = MIN_PER_CLASS,
 ) -> dict[str, dict[str, float]]:
-    """Percentile bootstrap over slides: ``{metric: {"value", "ci_low", "ci_high"}}``."""
+    """Percentile bootstrap over slides: ``{metric: {"value", "ci_low", "ci_high"}}``; when a class has fewer than
+    ``min_per_class`` slides, ``ci_low``/``ci_high`` are ``NaN`` and ``"too_small": True``."""
     point = classification_metrics(y, probs)
+    if too_small_for_ci(y, probs.shape[1], min_per_class):
+        nan = float("nan")
+        return {k: {"value": v, "ci_low": nan, "ci_high": nan, "too_small": True} for k, v in point.items()}
     rng = np.random.default_rng(seed)
     n = len(y)
     samples: dict[str, list[float]] = {k: [] for k in point}
@@ -82,6 +102,20 @@ def bootstrap_ci(
             "ci_low": float(np.percentile(s, lo)) if s else float("nan"),
             "ci_high": float(np.percentile(s, hi)) if s else float("nan"),
         }
+    return out
+
+
+def pooled_oof(y: np.ndarray, probs: np.ndarray, repeats: np.ndarray, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """Metrics of the out-of-fold predictions pooled over the folds of each repeat (every slide once), with
+    bootstrap CIs over slides: ``[{"repeat", "n", "metrics": {metric: {"value", "ci_low", "ci_high"}}}]``.
+
+    Pooling mixes fold models whose scores need not be on one scale, so a pooled AUC can sit below the mean of the
+    per-fold AUCs; it is the interval that small folds cannot give."""
+    y, probs, repeats = np.asarray(y), np.asarray(probs), np.asarray(repeats)
+    out = []
+    for r in sorted(set(repeats.tolist())):
+        m = repeats == r
+        out.append({"repeat": int(r), "n": int(m.sum()), "metrics": bootstrap_ci(y[m], probs[m], n_boot, seed)})
     return out
 
 

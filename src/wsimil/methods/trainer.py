@@ -38,6 +38,7 @@ from wsimil.evaluation.metrics import (
     classification_metrics,
     instance_auc,
     nan_to_none,
+    pooled_oof,
     summarize,
     summarize_repeats,
 )
@@ -429,6 +430,11 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
         ],
         "config": resolved,
     }
+    if cfg.task != "survival" and cfg.bootstrap:  # folds too small for a CI of their own still pool into one
+        te = np.array([trainer.pos[s] for r in results for s in r.split.test], dtype=int)
+        reps = np.concatenate([np.full(len(r.split.test), r.split.repeat) for r in results])
+        probs = np.concatenate([r.probs for r in results])
+        payload["pooled"] = pooled_oof(trainer.labels[te], probs, reps, cfg.bootstrap, cfg.seed)
     primary = getattr(trainer.method, "primary_head", None)  # e.g. HMIL: "metrics" are the fine level's
     if primary:
         payload[f"metrics_{primary}"] = payload["metrics"]

@@ -56,6 +56,12 @@ class ABMIL(MILModel):
         z = (a.unsqueeze(1) @ h).squeeze(1)  # (B, E)
         return MILOutput(logits=self.classifier(z), bag_embedding=z, attention_logits=e.masked_fill(~m, float("-inf")))
 
+    def patch_logits(self, x: Tensor) -> Tensor:
+        """The bag classifier applied to each patch alone, ``W h_i + b``: ``(B, N, C)`` for ``x (B, N, D)``. As the
+        attention weights sum to 1, the bag logits are their attention-weighted mean, ``Σ_i a_i (W h_i + b)``, so a
+        patch's evidence is on the same scale in every bag (heatmaps: ``evidence:<class>``)."""
+        return self.classifier(self.embed(x))
+
     def score_instances(
         self, x: Tensor, mask: Tensor | None = None, kind: str = "attention"
     ) -> tuple[MILOutput, Tensor]:

@@ -1,8 +1,10 @@
 """``wsimil report RUN``: one self-contained HTML page (no external files; images embedded as base64, no script)
 for a training run.
 
-Sections: summary (model, method, cohort), metrics (mean ± std over folds), per-fold metrics with bootstrap 95%
-CIs (``results.json`` ``folds[].ci``), extra heads (``metrics_<head>``, with ``ci_<head>``), the LRMIL HR/LR
+Sections: summary (model, method, cohort), notes from the caller, a comparison with other runs (e.g. the demo's
+20× and 5× runs), metrics (mean ± std over folds), per-fold metrics with bootstrap 95% CIs (``results.json``
+``folds[].ci``; "n/a (fold too small)" when a fold has fewer than ``MIN_PER_CLASS`` slides of a class), the pooled
+out-of-fold metrics with their CIs (``pooled``), extra heads (``metrics_<head>``, with ``ci_<head>``), the LRMIL HR/LR
 comparison and timing when ``results.json`` has ``teacher_hr``/``baseline_lr``/``student_lr`` and
 ``seconds_per_slide``, ROC and precision–recall curves, confusion matrix and calibration of the out-of-fold
 predictions, training curves, per-slide predictions with out-of-fold heatmaps (when the slides can be found) and
@@ -24,6 +26,7 @@ import yaml
 
 from wsimil import __version__
 from wsimil.errors import WsimilError
+from wsimil.evaluation.metrics import MIN_PER_CLASS
 from wsimil.io import write_text
 from wsimil.progress import console
 
@@ -93,19 +96,56 @@ def _summary_table(metrics: dict[str, Any]) -> str:
         if isinstance(v, dict) and "mean" in v:
             cell = f"{_num(v.get('mean'))} ± {_num(v.get('std'))}"
         elif isinstance(v, dict) and "value" in v:
-            cell = f"{_num(v.get('value'))} [{_num(v.get('ci_low'))}, {_num(v.get('ci_high'))}]"
+            cell = f"{_num(v.get('value'))} {_interval(v)}"
         else:
             cell = _num(v) if not isinstance(v, dict) else html.escape(json.dumps(v))
         rows.append([html.escape(m), cell])
     return _table(["metric", "value"], rows)
 
 
+TOO_SMALL = "n/a (fold too small)"
+POOLED_TOO_SMALL = "n/a (too few slides)"
+
+
+def _interval(c: dict, why: str = TOO_SMALL) -> str:
+    """``[low, high]``, or ``why`` there is none (fewer than ``MIN_PER_CLASS`` slides of a class)."""
+    if c.get("too_small"):
+        return why
+    return f"[{_num(c.get('ci_low'))}, {_num(c.get('ci_high'))}]"
+
+
 def _ci_cell(metrics: dict, ci: dict | None, m: str) -> str:
+    """A value with its CI; a CI too small to compute leaves the value alone (the row's "95% CI" cell says why)."""
     if ci and m in ci and isinstance(ci[m], dict):
         c = ci[m]
         v = c.get("value", metrics.get(m))
-        return f"{_num(v)} <span class='sub'>[{_num(c.get('ci_low'))}, {_num(c.get('ci_high'))}]</span>"
+        return _num(v) if c.get("too_small") else f"{_num(v)} <span class='sub'>{_interval(c)}</span>"
     return _num(metrics.get(m))
+
+
+def _ci_note(ci: dict | None, why: str = TOO_SMALL) -> str:
+    """The last cell of a row of values with CIs: ``why`` when its intervals could not be computed."""
+    small = bool(ci) and any(isinstance(c, dict) and c.get("too_small") for c in ci.values())
+    return f"<span class='sub'>{why}</span>" if small else ("bootstrap" if ci else "")
+
+
+def _pooled_table(pooled: list[dict]) -> str:
+    """Pooled out-of-fold metrics with CIs, one row per repeat (``results.json`` ``pooled``)."""
+    names = _metric_names(m for p in pooled for m in p.get("metrics", {}))
+    rows = [
+        [str(p.get("repeat", 0)), _num(p.get("n"))]
+        + [_ci_cell({}, p.get("metrics"), m) for m in names]
+        + [_ci_note(p.get("metrics"), POOLED_TOO_SMALL)]
+        for p in pooled
+    ]
+    return _table(["repeat", "n slides", *map(html.escape, names), "95% CI"], rows, left=1)
+
+
+def _pooled_auc(res: dict) -> str:
+    p = (res.get("pooled") or [{}])[0].get("metrics", {}).get("auc")
+    if not isinstance(p, dict):
+        return "n/a"
+    return f"{_num(p.get('value'))} <span class='sub'>{_interval(p, POOLED_TOO_SMALL)}</span>"
 
 
 def _folds_table(folds: list[dict], metrics_key: str = "metrics", ci_key: str = "ci") -> str:
@@ -116,8 +156,9 @@ def _folds_table(folds: list[dict], metrics_key: str = "metrics", ci_key: str = 
         rows.append(
             [str(f.get("repeat", 0)), str(f.get("fold", "")), _num(f.get("n_test"))]
             + [_ci_cell(ms, ci, m) for m in names]
+            + [_ci_note(ci)]
         )
-    return _table(["repeat", "fold", "n test", *map(html.escape, names)], rows, left=2)
+    return _table(["repeat", "fold", "n test", *map(html.escape, names), "95% CI"], rows, left=2)
 
 
 def lrmil_arms(res: dict) -> dict[str, dict]:
@@ -138,7 +179,7 @@ def _arm_cell(v: Any) -> str:
     if isinstance(v, dict) and "mean" in v:
         return f"{_num(v.get('mean'))} ± {_num(v.get('std'))}"
     if isinstance(v, dict) and "value" in v:
-        return f"{_num(v['value'])} [{_num(v.get('ci_low'))}, {_num(v.get('ci_high'))}]"
+        return f"{_num(v['value'])} {_interval(v)}"
     return _num(v) if not isinstance(v, dict) else ""
 
 
@@ -221,6 +262,15 @@ def _pick_map(maps: dict[str, np.ndarray], kind: str, predicted: str) -> str:
     return names[0]
 
 
+def _report_maps(maps: dict[str, np.ndarray], kind: str, predicted: str) -> list[str]:
+    """The maps shown for a slide: the one :func:`_pick_map` picks, preceded by ABMIL's patch evidence for the
+    predicted (binary: positive) class when the model has it."""
+    main = _pick_map({k: v for k, v in maps.items() if not k.startswith("evidence")} or maps, kind, predicted)
+    evidence = [k for k in maps if k.startswith("evidence")]
+    pick = [k for k in evidence if k == f"evidence:{predicted}"] or evidence[:1]
+    return [*pick, main] if main not in pick else pick
+
+
 def _classification_table(first: pd.DataFrame, classes: list[str]) -> str:
     """Slide, fold, label, predicted class (argmax), ✓/✗ and class probabilities; adds ``predicted`` to ``first``."""
     prob_cols = [f"prob_{c}" for c in classes if f"prob_{c}" in first.columns]
@@ -245,7 +295,7 @@ def _slides_section(
     run: Path, pred: pd.DataFrame, classes: list[str], slides, max_heatmaps: int, size: int, top_k: int
 ) -> str:
     from wsimil.inference import score_run_slides
-    from wsimil.viz.heatmap import HeatmapInput, render_heatmap
+    from wsimil.viz.heatmap import render_heatmap, run_heatmap_input, run_truth
 
     first = pred.drop_duplicates("slide_id", keep="first").copy()
     parts = ["<h2>Per-slide predictions</h2>"]
@@ -260,34 +310,40 @@ def _slides_section(
     cards = []
     notes = []
     chosen = first["slide_id"].tolist()[:max_heatmaps]
-    scored = []
+    scored, truth = [], {}
     if (run / "bundle").is_dir() and max_heatmaps > 0:
         try:
             scored = score_run_slides(run, chosen, slides)
+            truth = run_truth(run, slides)
         except WsimilError as e:
             notes.append(f"No heatmaps: {e}")
     pmap = dict(zip(first["slide_id"], first["predicted"], strict=True)) if "predicted" in first.columns else {}
     for s in scored:
         if s.slide_path is None or s.coords is None or s.patch_size_level0 is None:
             continue
-        name = _pick_map(s.scores.maps, s.scores.kind, str(pmap.get(s.slide_id, "")))
-        h = HeatmapInput(s.slide_id, s.slide_path, s.coords, s.patch_size_level0, s.scores.maps[name], name,
-                         "instance" if name.startswith("instance") else "attention", s.mag)  # fmt: skip
-        try:
-            rgb = render_heatmap(h, None, size, top_k)
-        except WsimilError as e:
-            notes.append(html.escape(str(e)))
-            continue
-        cap = f"<b>{html.escape(s.slide_id)}</b> — {html.escape(name)}, fold {s.fold} model (held out)"
-        if s.slide_id in pmap:
-            cap += f"; predicted {html.escape(str(pmap[s.slide_id]))}"
-        cards.append(f'<div class="card">{_img(_jpeg(rgb), f"heatmap {s.slide_id}", "image/jpeg")}'
-                     f'<div class="cap">{cap}</div></div>')  # fmt: skip
+        for name in _report_maps(s.scores.maps, s.scores.kind, str(pmap.get(s.slide_id, ""))):
+            h = run_heatmap_input(s, name, classes or None, truth.get(s.slide_id))
+            try:
+                rgb = render_heatmap(h, None, size, top_k)
+            except WsimilError as e:
+                notes.append(html.escape(str(e)))
+                continue
+            cap = f"<b>{html.escape(s.slide_id)}</b> — {html.escape(name)}, fold {s.fold} model (held out)"
+            if s.slide_id in pmap:
+                cap += f"; predicted {html.escape(str(pmap[s.slide_id]))}"
+            alt = f"heatmap {s.slide_id}" + (" evidence" if name.startswith("evidence") else "")
+            cards.append(f'<div class="card">{_img(_jpeg(rgb), alt, "image/jpeg")}'
+                         f'<div class="cap">{cap}</div></div>')  # fmt: skip
     if cards:
         parts.append(
-            "<h3>Heatmaps</h3><p class='note'>Each slide scored by the fold model that did not train on it. "
-            "Attention is shown as its percentile within the slide, instance probabilities on 0–1; tissue contours "
-            f"in black, the top-{top_k} patches outlined, numbered and shown below each slide.</p>"
+            "<h3>Heatmaps</h3><p class='note'>Each slide scored by the fold model that did not train on it; its "
+            "probability, prediction and label are in each title. Colours use one scale for every slide: "
+            "attention as attention × N (1 = the uniform share of the slide's N patches, log scale from 1/16 to 16), "
+            "instance probabilities on 0–1. Attention shows where the model looks, not whether the slide is "
+            "positive; for ABMIL the map beside it, <i>evidence</i>, is the slide classifier applied to each patch "
+            "alone (the slide's logit is the attention-weighted mean of these patch logits), so a negative slide "
+            "stays blue there. Tissue contours in black, ground-truth tumour (when the cohort has masks) in "
+            f"magenta, the top-{top_k} patches outlined, numbered and shown below each slide.</p>"
         )
         parts.append('<div class="cards">' + "".join(cards) + "</div>")
         if len(first) > max_heatmaps:
@@ -303,6 +359,39 @@ def _slides_section(
     return "\n".join(parts)
 
 
+def _results(run: Path) -> dict:
+    path = run / "results.json"
+    if not path.is_file():
+        raise WsimilError(f"{run} is not a finished wsimil run: {path} is missing")
+    return json.loads(path.read_text())
+
+
+def _compare_table(runs: dict[str, dict]) -> str:
+    """One row per run: AUC and balanced accuracy (mean ± std over folds) and the pooled out-of-fold AUC [CI]."""
+    rows = []
+    for name, res in runs.items():
+        m = res.get("metrics", {})
+        n = (res.get("pooled") or [{}])[0].get("n")
+        rows.append([html.escape(name), _num(n), _arm_cell(m.get("auc")), _pooled_auc(res),
+                     _arm_cell(m.get("balanced_accuracy"))])  # fmt: skip
+    header = ["run", "slides", "AUC (mean ± std over folds)", "pooled out-of-fold AUC [95% CI]", "balanced accuracy"]
+    return "<h2>Runs compared</h2>" + _table(header, rows)
+
+
+def _other_run_section(name: str, run: Path, slides, max_heatmaps: int, size: int, top_k: int) -> str:
+    """Curves, per-slide predictions and a few heatmaps of a compared run."""
+    cfg_path = run / "config.yaml"
+    cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
+    pred_path = run / "predictions.csv"
+    if not pred_path.is_file():
+        return f"<h2>{html.escape(name)}</h2><p class='note'>No predictions in {html.escape(str(run))}.</p>"
+    pred = pd.read_csv(pred_path, dtype={"slide_id": str, "label": str})
+    classes = [str(c) for c in cfg.get("classes", [])] or [c[5:] for c in pred.columns if c.startswith("prob_")]
+    body = _plots_section(pred, classes, None) + _slides_section(run, pred, classes, slides, max_heatmaps, size, top_k)
+    body = body.replace("<h2>", "<h3>").replace("</h2>", "</h3>")
+    return f"<h2>{html.escape(name)}: {html.escape(str(run.name))}</h2>{body}"
+
+
 def build_report(
     run: str | Path,
     out: str | Path | None = None,
@@ -310,8 +399,14 @@ def build_report(
     max_heatmaps: int = 40,
     heatmap_size: int = 900,
     top_k: int = 6,
+    compare: dict[str, str | Path] | None = None,
+    label: str | None = None,
+    notes: list[str] | None = None,
 ) -> Path:
-    """Write the HTML report of a training run (default ``RUN/report.html``); returns its path."""
+    """Write the HTML report of a training run (default ``RUN/report.html``); returns its path.
+
+    ``compare`` adds other runs by name (e.g. ``{"5×": run_5x}``): a table of their headline metrics beside this
+    run's (named ``label``), then each one's curves and heatmaps. ``notes`` are sentences shown under the title."""
     run = Path(run)
     res_path, cfg_path = run / "results.json", run / "config.yaml"
     if not res_path.is_file():
@@ -336,7 +431,7 @@ def build_report(
     sub = (
         f"model <b>{html.escape(str(cfg.get('model', '?')))}</b>, method <b>{html.escape(str(cfg.get('method', '?')))}"
         f"</b>, task {html.escape(str(cfg.get('task', 'classification')))}, {n_slides} slides, classes "
-        f"{html.escape(', '.join(classes))}, {n_models} fold model(s)"
+        f"{html.escape(', '.join(classes))}; {n_models} fold model(s)"
     )
     parts = [
         f"<h1>{html.escape(title)}</h1>",
@@ -345,6 +440,9 @@ def build_report(
         f"{html.escape(str(cfg.get('wsimil_version', '?')))} · report by wsimil {__version__} on "
         f"{_dt.date.today().isoformat()}</p>",
     ]
+    parts += [f"<p class='note'><b>Note:</b> {html.escape(n)}</p>" for n in notes or []]
+    if compare:
+        parts.append(_compare_table({label or run.name: res, **{k: _results(Path(v)) for k, v in compare.items()}}))
     if not nested:
         parts += [
             "<h2>Metrics</h2><p class='note'>Mean ± standard deviation over test folds.</p>",
@@ -354,8 +452,17 @@ def build_report(
         parts += ["<h3>Across repeats</h3>", _summary_table(res["repeat_metrics"])]
     if res.get("folds") and not nested:
         parts += [
-            "<h3>Per fold</h3><p class='note'>Test-fold value with its bootstrap 95% confidence interval.</p>",
+            "<h3>Per fold</h3><p class='note'>Test-fold value with its bootstrap 95% confidence interval; "
+            f"“{TOO_SMALL}” where the fold has fewer than {MIN_PER_CLASS} slides of a class (an interval "
+            "from so few would read e.g. AUC [1, 1]).</p>",
             _folds_table(res["folds"]),
+        ]
+    if res.get("pooled") and not nested:
+        parts += [
+            "<h3>Pooled out-of-fold</h3><p class='note'>Every slide's prediction by the fold model that held it "
+            "out, pooled over the folds of a repeat, with a bootstrap 95% CI over slides. Fold models need not "
+            "share one score scale, so the pooled AUC can sit below the mean of the fold AUCs.</p>",
+            _pooled_table(res["pooled"]),
         ]
     for key in sorted(k for k in res if k.startswith("metrics_")):
         head = key.removeprefix("metrics_")
@@ -371,6 +478,8 @@ def build_report(
         parts.append(_plots_section(pd.DataFrame(), [], history))
     if len(pred):
         parts.append(_slides_section(pred_run, pred, classes, slides, max_heatmaps, heatmap_size, top_k))
+    for name, other in (compare or {}).items():
+        parts.append(_other_run_section(name, Path(other), slides, min(max_heatmaps, 6), heatmap_size, top_k))
     keys = ["model", "method", "model_kwargs", "method_kwargs", "epochs", "lr", "optimizer", "batch_size", "folds",
             "repeats", "standardize", "seed", "features", "manifest"]  # fmt: skip
     rows = [[html.escape(k), html.escape(json.dumps(cfg[k], default=str))] for k in keys if k in cfg]

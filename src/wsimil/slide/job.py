@@ -274,22 +274,50 @@ def write_qc(
     path: Path, thumb: np.ndarray, ds: float, mask: np.ndarray, mask_ds: float, grids: dict[float, GridLevel]
 ) -> None:
     """Thumbnail (``ds`` level-0 px per pixel) with tissue contours (green; the mask has ``mask_ds``) and every
-    magnification's patch outlines (finest blue, coarser orange)."""
+    magnification's patch outlines (finest blue, coarser orange, then purple), above a legend band that names each
+    colour with its patch count and the tissue share of the thumbnail."""
     import cv2
 
     img = np.ascontiguousarray(thumb.copy())
     colours = [(40, 90, 230), (240, 140, 20), (200, 30, 160)]
+    tissue_rgb = (20, 170, 60)
+    legend = [(tissue_rgb, f"tissue contour ({mask.mean():.0%} of the thumbnail is tissue)", "line")]
     for i, m in enumerate(sorted(grids, reverse=True)):
         g = grids[m]
         s = g.patch_size_level0 / ds
         for x, y in g.coords / ds:
             cv2.rectangle(img, (int(x), int(y)), (int(x + s) - 1, int(y + s) - 1), colours[i % 3], 1)
+        legend.append((colours[i % 3], f"{mag_name(m)} patches: {len(g.coords)} ({g.patch_size} px)", "box"))
     scale = mask_ds / ds
     contours = [np.round((c + 0.5) * scale).astype(np.int32).reshape(-1, 1, 2) for c in tissue_contours(mask)]
-    cv2.drawContours(img, contours, -1, (20, 170, 60), 2)
+    cv2.drawContours(img, contours, -1, tissue_rgb, 2)
+    band = qc_legend(legend, img.shape[1])
+    img = np.pad(img, ((0, 0), (0, band.shape[1] - img.shape[1]), (0, 0)), constant_values=255)
+    img = np.concatenate([img, band], axis=0)
     with atomic_path(path) as tmp:
         ok, buf = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
         tmp.write_bytes(buf.tobytes())
+
+
+def qc_legend(entries: list[tuple[tuple[int, int, int], str, str]], width: int) -> np.ndarray:
+    """A white RGB band at least ``width`` px wide with one row per ``(colour, text, "line"|"box")`` entry: a swatch
+    drawn the way the image draws that thing, then the text, shrunk for narrow thumbnails down to a legible size
+    (the band is then wider than ``width``)."""
+    import cv2
+
+    font, row = cv2.FONT_HERSHEY_SIMPLEX, 22
+    longest = max(cv2.getTextSize(t, font, 0.5, 1)[0][0] for _, t, _ in entries)
+    fs = max(0.35, 0.5 * min(1.0, (width - 44) / max(longest, 1)))
+    need = 34 + max(cv2.getTextSize(t, font, fs, 1)[0][0] for _, t, _ in entries) + 8
+    band = np.full((row * len(entries) + 8, max(width, need), 3), 255, np.uint8)
+    for j, (colour, text, kind) in enumerate(entries):
+        y = 4 + j * row + row // 2
+        if kind == "line":
+            cv2.line(band, (6, y), (26, y), colour, 2)
+        else:
+            cv2.rectangle(band, (8, y - 7), (24, y + 7), colour, 1)
+        cv2.putText(band, text, (34, y + 5), font, fs, (30, 30, 30), 1, cv2.LINE_AA)
+    return band
 
 
 def _run_one(spec: SlideSpec, job: Path, settings: TileSettings, overwrite: bool, claim_timeout: float) -> dict:
