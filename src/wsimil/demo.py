@@ -22,6 +22,7 @@ from wsimil.progress import console
 from wsimil.report import build_report
 from wsimil.slide.job import TileSettings, run_tiling
 from wsimil.slide.synth import make_cohort
+from wsimil.threads import use_threads
 
 
 def run_demo(
@@ -32,11 +33,13 @@ def run_demo(
     n_slides: int = 20,
     width: int = 8192,
     height: int = 6144,
+    threads: int | str | None = None,
 ) -> dict:
     from wsimil.config import resolve_device
 
     out = Path(out)
     dev = resolve_device(device)
+    use_threads(threads, "image")  # each step then resolves it for its work (wsimil.threads)
     t_start = time.perf_counter()
     console.rule("[bold]wsimil demo")
     console.print(
@@ -69,6 +72,7 @@ def run_demo(
             patience=8,
             model_kwargs={"hidden_dims": [256], "attn_dim": 128},
             bootstrap=200,
+            threads=threads,
         )
         results[mag] = run_training(cfg, features_dir(job, st, 256), manifest, out / f"run_{mag:g}x")
     console.print("5/5 Writing the 20x model bundle and the HTML report (out-of-fold heatmaps of every slide)")

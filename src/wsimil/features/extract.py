@@ -24,6 +24,7 @@ from wsimil.features.patches import PatchGrid, SlidePatchBlocks, patch_labels_fr
 from wsimil.features.store import write_bag
 from wsimil.io import write_csv
 from wsimil.slide.job import grid_dir_name, patches_path
+from wsimil.threads import apply_threads
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -40,6 +41,7 @@ class ExtractSettings:
     reader: str = "auto"
     block: int = 4  # cells per side of one read; OpenSlide slows down on much larger regions
     seed: int = 0
+    threads: int | str | None = None  # CPU threads, N or auto; None: the process-wide request (wsimil.threads)
 
 
 def encode_slide(encoder: Encoder, grid: PatchGrid, st: ExtractSettings, mpp: float | None = None) -> np.ndarray:
@@ -198,6 +200,7 @@ def run_extraction(
 
         rows = run_extraction_ray(job, st, slides, patch_size, overwrite, ray_address)
     elif backend == "local":
+        apply_threads(st.threads, "encode", workers=st.workers)
         encoder = encoder or create_encoder(st.encoder, st.weights, st.seed)
         encoder.model.to(st.device)
         rows = []
