@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from wsimil.errors import WsimilError
-from wsimil.threads import use_threads
+from wsimil.threads import apply_threads, use_threads
 
 app = typer.Typer(
     add_completion=False,
@@ -232,7 +232,7 @@ def tile(
     Exits with status 1 if any slide failed (after finishing all others); see JOB/status.csv."""
     from wsimil.slide.job import TileSettings, run_tiling
 
-    use_threads(threads, "image", workers=workers)
+    apply_threads(threads, "image", workers=workers)
     settings = TileSettings(mags=list(mag), patch_size=patch_size, reader=reader, mpp=mpp, min_tissue=min_tissue)
     table = run_tiling(slides, out, settings, workers=workers, overwrite=overwrite)
     _report_batch(table, "Tiled", out, out / "status.csv")
@@ -379,7 +379,7 @@ def predict(
 
     if (slides is None) == (features is None):
         raise WsimilError("give exactly one of --slides (slide files) or --features (a feature folder)")
-    use_threads(threads)  # extraction re-resolves it for encoding
+    use_threads(threads, "image" if slides else "mil", workers=workers)  # extraction re-resolves it for encoding
     if features is not None:
         table = predict_features(model, features, out, device=device, folds=fold or None)
     else:

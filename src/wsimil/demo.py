@@ -22,7 +22,7 @@ from wsimil.progress import console
 from wsimil.report import build_report
 from wsimil.slide.job import TileSettings, run_tiling
 from wsimil.slide.synth import make_cohort
-from wsimil.threads import use_threads
+from wsimil.threads import apply_threads
 
 
 def run_demo(
@@ -39,7 +39,7 @@ def run_demo(
 
     out = Path(out)
     dev = resolve_device(device)
-    use_threads(threads, "image")  # each step then resolves it for its work (wsimil.threads)
+    apply_threads(threads, "image")  # and each later step for its own work (wsimil.threads)
     t_start = time.perf_counter()
     console.rule("[bold]wsimil demo")
     console.print(
@@ -57,7 +57,7 @@ def run_demo(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         for mag in (20, 5):
-            st = ExtractSettings(mag=mag, encoder="resnet18", device=dev, batch_size=64, seed=seed)
+            st = ExtractSettings(mag=mag, encoder="resnet18", device=dev, batch_size=64, seed=seed, threads=threads)
             run_extraction(job, st)
     console.print("4/5 Training ABMIL with 5-fold cross-validation at each magnification")
     for mag in (20, 5):

@@ -231,7 +231,8 @@ def plan_threads(
             reason = f"auto: MIL steps of {size}, 1 thread per {MIL_ELEMENTS_PER_THREAD / 1e6:g}M; {why}"
         elif work == "encode":
             n = max(1, budget - workers)
-            reason = f"auto: patch encoding, {budget} CPUs to use less {workers} DataLoader workers; {why}"
+            less = f" less {workers} DataLoader worker(s)" if workers else ""
+            reason = f"auto: patch encoding, {budget} free CPU(s){less}; {why}"
         else:
             n = max(1, budget // max(1, workers))
             reason = f"auto: image work shared by {max(1, workers)} process(es); {why}"

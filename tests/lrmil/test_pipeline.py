@@ -271,3 +271,20 @@ def test_stage1_keeps_the_teacher_frozen(run):
     assert any(state[n].dim() == 4 for n in moved)  # the student did learn (a convolution kernel moved)
     stats = [n for n in state if n.endswith(("running_mean", "running_var"))]
     assert stats and all(torch.equal(state[n], before[n]) for n in stats)  # batch-norm statistics stay the teacher's
+
+
+def test_threads_saved_and_other_threads_reuse_every_step(run):
+    out = run["out"]
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["threads"] == "auto" and cfg["threads_resolved"]["work"] == "encode"
+    ckpt = out / "student" / "fold0" / "checkpoints" / "repeat0_fold0.pt"
+    before = ckpt.stat().st_mtime_ns
+    try:
+        lrmil_cli(run["job"], run["manifest"], out, run["cfg"], "--threads", "2")
+    finally:
+        torch.set_num_threads(1)  # as the module's other tests run
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["threads"] == 2 and cfg["threads_resolved"]["threads"] == 2
+    assert ckpt.stat().st_mtime_ns == before  # thread counts are not part of any step's key
+    teacher = yaml.safe_load((out / "teacher" / "config.yaml").read_text())
+    assert teacher["threads_resolved"] == {**teacher["threads_resolved"], "threads": 2, "work": "mil"}

@@ -38,6 +38,7 @@ class EncodeSettings:
     precision: str = "fp32"
     reader: str = "auto"
     block: int = 4
+    threads: int | str | None = None  # CPU threads, N or auto; None: the process-wide request (wsimil.threads)
 
 
 def encode_grid(
@@ -169,7 +170,7 @@ def extract(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    apply_threads(None, "encode", workers=st.workers)  # the request of run_lrmil (wsimil.threads.use_threads)
+    apply_threads(st.threads, "encode", workers=st.workers)
     encoder.model.to(st.device).eval()
     with make_progress() as progress:
         task = progress.add_task(desc, total=len(slide_ids), info="")

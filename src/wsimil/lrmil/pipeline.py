@@ -55,7 +55,7 @@ from wsimil.lrmil.job import LRMILJob, links_dataset
 from wsimil.lrmil.taps import check_layers, default_layers, n_blocks
 from wsimil.lrmil.teacher import dump_hash, dump_teacher
 from wsimil.progress import console, make_progress
-from wsimil.threads import apply_threads, use_threads
+from wsimil.threads import apply_threads
 
 STEPS = ("hr_features", "teacher", "baseline", "stage1", "lr_features", "student", "timing", "bundle")
 MODELS = ("teacher_hr", "baseline_lr", "student_lr")
@@ -150,7 +150,7 @@ def run_lrmil(
         raise WsimilError(f"unknown step {until!r}; steps in order: {', '.join(STEPS)}")
     out = Path(out).resolve()  # absolute: trainer configs (and so their hashes) hold these paths
     device = resolve_device(cfg.device)
-    threads = use_threads(cfg.threads, "encode", workers=cfg.workers)  # steps re-resolve it for their work
+    threads = apply_threads(cfg.threads, "encode", workers=cfg.workers)  # each step re-resolves it for its work
     man = read_manifest(manifest, cfg.classes, cfg.label_column)
     ids = man.slide_ids
     j = LRMILJob(job, cfg.hr_mag, cfg.lr_mag, cfg.patch_size)
@@ -179,7 +179,7 @@ def run_lrmil(
         "threads_resolved": threads.to_dict(),  # feature extraction's; each training run's config has its own
     }
     write_yaml(out / "config.yaml", resolved)
-    st = EncodeSettings(device, cfg.batch_size, cfg.workers, cfg.precision, reader)
+    st = EncodeSettings(device, cfg.batch_size, cfg.workers, cfg.precision, reader, threads=cfg.threads)
     enc_id = (
         teacher.name,
         teacher.weights,
