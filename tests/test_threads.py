@@ -97,8 +97,9 @@ def test_omp_num_threads_is_respected_by_auto_only(eight_idle_cpus, monkeypatch)
 
 
 def test_auto_picks_by_the_work(eight_idle_cpus):
-    small = th.plan_threads("auto", "mil", elements=2000 * 1024)
+    small = th.plan_threads("auto", "mil", elements=40 * 166)  # a MUSK1 bag
     assert small.threads == 1 and small.cpus == 8 and small.free_cpus == 8.0
+    assert th.plan_threads("auto", "mil", elements=th.MIL_ELEMENTS_PER_THREAD - 1).threads == 1
     assert th.plan_threads("auto", "mil").threads == 1  # unknown size
     big = th.plan_threads("auto", "mil", elements=3 * th.MIL_ELEMENTS_PER_THREAD)
     assert big.threads == 3
@@ -111,8 +112,10 @@ def test_auto_picks_by_the_work(eight_idle_cpus):
 
 
 def test_auto_leaves_busy_cpus_alone(eight_idle_cpus, monkeypatch):
-    monkeypatch.setattr(th, "free_cpus", lambda cpus, window=0: 2.6)
+    monkeypatch.setattr(th, "free_cpus", lambda cpus, window=0: 2.85)
     assert th.plan_threads("auto", "encode").threads == 3
+    monkeypatch.setattr(th, "free_cpus", lambda cpus, window=0: 2.6)  # a CPU 40% busy is not free
+    assert th.plan_threads("auto", "encode").threads == 2
     monkeypatch.setattr(th, "free_cpus", lambda cpus, window=0: 0.2)
     p = th.plan_threads("auto", "encode")
     assert p.threads == 1 and "0.2 idle" in p.reason
@@ -164,7 +167,7 @@ def test_resolved_threads_saved_in_the_run_config(digit_cohort, tmp_path, torch_
 
     from wsimil.cli import app
 
-    monkeypatch.setattr(th, "_last_printed", None)
+    monkeypatch.setattr(th, "_printed", set())
     feats, manifest = digit_cohort
     args = ["train", "--features", str(feats), "--manifest", str(manifest), "--model", "mean", "--folds", "2"]
     res = CliRunner().invoke(app, [*args, "--epochs", "1", "--threads", "2", "--out", str(tmp_path / "run")])

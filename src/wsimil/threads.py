@@ -2,19 +2,22 @@
 
 torch starts one busy-waiting OpenMP thread per core it sees. On a shared server those threads compete with other
 jobs: an OpenMP parallel region ends only when its slowest thread finishes, so a thread that has lost its core
-stalls all the others. A MIL training step on a few thousand instances is too small to gain much from more threads
-even on an idle machine, while a patch encoder's convolutions scale well until the cores run out.
+stalls all the others (a MIL run 4x slower at 2 threads than at 1 beside other jobs on 2 cores). Small MIL steps
+(small bags, small feature widths) have too little arithmetic per step for more threads to pay, while large bags and
+a patch encoder's convolutions scale with the cores that are actually free.
 
 ``auto`` therefore resolves, at the start of each step (:func:`apply_threads`):
 
 1. ``OMP_NUM_THREADS``, when the user set it, is taken as given;
 2. otherwise the budget is the CPUs this process may use (affinity mask, cgroup v2 ``cpu.max`` or v1
-   ``cpu.cfs_quota_us``), less those other processes keep busy (idle time of those CPUs over 0.2 s);
-3. the work picks from the budget: MIL steps of fewer than :data:`MIL_ELEMENTS_PER_THREAD` feature values per
-   thread use 1 thread; patch encoding uses the budget less its DataLoader workers; image work (tissue detection,
-   tiling, heatmaps) shares the budget among its worker processes.
+   ``cpu.cfs_quota_us``), less those other processes keep busy (idle time of those CPUs over 0.2 s; on systems
+   without ``/proc/stat``, the 1-minute load average);
+3. the work picks from the budget: MIL steps get one thread per :data:`MIL_ELEMENTS_PER_THREAD` feature values
+   (at least 1); patch encoding uses the budget less its DataLoader workers; image work (tissue detection, tiling,
+   heatmaps) shares the budget among its worker processes.
 
-An explicit ``N`` is honoured as given. The resolved plan is printed once and saved in the run's config.
+An explicit ``N`` is honoured as given. The resolved plan is printed once and saved in the run's config. Thread
+counts can change floating-point summation order, so bitwise-identical re-runs need a fixed ``N``.
 """
 
 from __future__ import annotations
@@ -31,13 +34,16 @@ from wsimil.errors import WsimilError
 
 AUTO = "auto"
 Work = Literal["mil", "encode", "image"]
-# One more intra-op thread per this many feature values in a MIL training step (instances x width x bags), measured
-# with ABMIL (1,024-d, 512 hidden) on 2 cores: below ~4M values a second thread gained under 10% (README "Threads").
-MIL_ELEMENTS_PER_THREAD = 4_000_000
+# One intra-op thread per this many feature values of a MIL step (instances x width x bags). ABMIL (1,024-d, 512
+# hidden) on the 2-core development machine: at 1 thread on idle cores a step costs ~70 ms per 1,000 instances
+# (GEMM-bound, far above OpenMP's cost per parallel region), so 1,000 x 1,024 values keep a thread busy; beside other
+# jobs (load 3-8) a second thread made steps 2.5-8x slower at every N from 250 to 8,000, which the free-CPU count
+# prevents. An idle-machine crossover could not be measured there (it was never idle).
+MIL_ELEMENTS_PER_THREAD = 1_000_000
 LOAD_WINDOW_S = 0.2
 
 _requested: int | str = AUTO  # the process-wide request (use_threads); config keys and arguments override it
-_last_printed: tuple | None = None
+_printed: set[tuple] = set()  # plans already printed by this process
 
 
 @dataclass(frozen=True)
@@ -223,7 +229,8 @@ def plan_threads(
     else:
         if cpus > 1:
             free = free_cpus(cpu_set(), window)
-        budget = cpus if free is None else max(1, min(cpus, int(free + 0.5)))
+        # a CPU counts as free when idle >= 80% of the time: a thread sharing a core stalls its team at every step
+        budget = cpus if free is None else max(1, min(cpus, int(free + 0.2)))
         why = f"{cpus} CPUs available" + ("" if free is None else f", {free:g} idle")
         if work == "mil":
             n = max(1, min(budget, (elements or 0) // MIL_ELEMENTS_PER_THREAD))
@@ -250,8 +257,7 @@ def apply_threads(
     quiet: bool = False,
 ) -> ThreadPlan:
     """Resolve (:func:`plan_threads`) and set torch's intra-op threads, its inter-op threads (once per process: torch
-    allows no change after that) and OpenCV's threads. Prints the plan when it differs from the last printed one."""
-    global _last_printed
+    allows no change after that) and OpenCV's threads. Prints the plan, once per process for each work and count."""
     import torch
 
     plan = plan_threads(requested, work, elements=elements, workers=workers)
@@ -265,12 +271,12 @@ def apply_threads(
     except ImportError:
         pass
     plan = ThreadPlan(**{**plan.to_dict(), "interop": torch.get_num_interop_threads()})
-    key = (plan.threads, plan.interop, plan.cv2, plan.work)
-    if not quiet and key != _last_printed:
+    key = (plan.threads, plan.cv2, plan.work)
+    if not quiet and key not in _printed:
         from wsimil.progress import console
 
         console.print(f"Threads: {plan.threads} ({plan.reason})", highlight=False, soft_wrap=True)
-        _last_printed = key
+        _printed.add(key)
     return plan
 
 
