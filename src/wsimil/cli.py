@@ -23,7 +23,7 @@ app.add_typer(convert_app, name="convert")
 
 
 READER_HELP = "auto (tiffslide for SVS/TIFF: same pixels, ~4x faster; OpenSlide otherwise), openslide or tiffslide."
-Threads = Annotated[str | None, typer.Option(help="CPU threads: N, or auto (default: per step, by free CPUs).")]
+Threads = Annotated[str | None, typer.Option(metavar="N|auto", help="CPU threads (default auto: by work, free CPUs).")]
 
 
 def _default(field: str) -> str:
