@@ -15,8 +15,8 @@ Every configuration runs in a fresh subprocess (thread settings cannot be undone
 ``--steps`` (``--batches``) steps, stopping early after ``--max-seconds`` (at least one step); a process still running
 after ``--timeout`` is stopped and reported as ``timed_out``. ``--repeats`` rounds interleave the settings (the fastest
 of each is kept), and the idle CPUs measured at the start of each condition are reported: on a shared machine "idle"
-may not be. Prints JSON, with, per condition and workload, how
-``auto`` compares to the best fixed choice (target: within 10%).
+may not be. Prints JSON, with, per condition and workload, how ``auto`` compares to the best fixed choice (target:
+within 10%).
 
     python benchmarks/threads.py            # ~3-4 minutes on 2 cores
     python benchmarks/threads.py --quick    # a check that it runs (timings meaningless; most of it is importing torch)
