@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from wsimil.errors import WsimilError, one_line_warnings
+from wsimil.threads import apply_threads, use_threads
 
 app = typer.Typer(
     add_completion=False,
@@ -24,6 +25,7 @@ app.add_typer(convert_app, name="convert")
 EXPECT_HELP = "Refuse the bundle unless its SHA-256 (`wsimil digest BUNDLE`) is this value, or the one in this file."
 READER_HELP = "auto (tiffslide for SVS/TIFF: same pixels, ~4x faster; OpenSlide otherwise), openslide or tiffslide."
 ClaimTimeout = Annotated[float, typer.Option(help="Seconds without heartbeat after which a slide claim is taken over.")]
+Threads = Annotated[str | None, typer.Option(metavar="N|auto", help="CPU threads (default auto: by work, free CPUs).")]
 
 
 def _default(field: str) -> str:
@@ -105,15 +107,16 @@ def train(
     ] = None,
     seed: Annotated[int | None, typer.Option(help=_default("seed"))] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ... " + _default("device"))] = None,
+    threads: Threads = None,
 ) -> None:
     """Train a MIL model with cross-validation.
 
     Writes config.yaml, results.json, predictions.csv, history.csv and per-fold checkpoints to --out."""
-    from wsimil.config import load_config
+    from wsimil.config import load_config, parse_key_values
     from wsimil.methods.trainer import run_training
     from wsimil.progress import console
 
-    method_kwargs = _key_values(method_opt, "--method-opt")
+    method_kwargs = parse_key_values(method_opt, "--method-opt")
     if teacher_init is not None:
         method_kwargs["teacher_init"] = str(teacher_init)
     cfg = load_config(
@@ -122,7 +125,7 @@ def train(
         method=method,
         task=task,
         label_column=label_column,
-        model_kwargs=_key_values(model_opt, "--model-opt") or None,
+        model_kwargs=parse_key_values(model_opt, "--model-opt") or None,
         method_kwargs=method_kwargs or None,
         folds=folds,
         repeats=repeats,
@@ -136,26 +139,11 @@ def train(
         standardize=standardize,
         seed=seed,
         device=device,
+        threads=threads,
     )
     res = run_training(cfg, features, manifest, out)
     _print_metrics(res["metrics"])
     console.print(f"Results: {out / 'results.json'}")
-
-
-def _key_values(items: list[str] | None, flag: str) -> dict:
-    """``["a=1", "b=[2, 3]"]`` → ``{"a": 1, "b": [2, 3]}`` (values parsed as YAML)."""
-    import yaml
-
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise WsimilError(f"{flag} expects KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise WsimilError(f"{flag} {item!r}: value is not valid YAML: {e}") from None
-    return out
 
 
 @app.command()
@@ -168,12 +156,13 @@ def evaluate(
     device: Annotated[str, typer.Option()] = "auto",
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
     seed: Annotated[int, typer.Option()] = 0,
+    threads: Threads = None,
 ) -> None:
     """Score an external test set with each fold model and their ensemble, with bootstrap 95% CIs."""
     from wsimil.evaluation.evaluate import evaluate_run
     from wsimil.progress import console
 
-    res = evaluate_run(run, features, manifest, out, device=device, n_boot=bootstrap, seed=seed)
+    res = evaluate_run(run, features, manifest, out, device=device, n_boot=bootstrap, seed=seed, threads=threads)
     for k, v in res["ensemble"]["metrics"].items():
         ci = "n/a (too few slides of a class)" if v.get("too_small") else f"{_fmt(v['ci_low'])}–{_fmt(v['ci_high'])}"
         console.print(f"  {k:18s} {_fmt(v['value'])}  [95% CI {ci}]")
@@ -268,6 +257,7 @@ def tile(
     min_tissue: Annotated[float, typer.Option(help="Least tissue share of a patch's footprint (0: any tissue).")] = 0.1,
     overwrite: Annotated[bool, typer.Option(help="Redo slides whose outputs are already valid.")] = False,
     claim_timeout: ClaimTimeout = 600.0,
+    threads: Threads = None,
 ) -> None:
     """Find tissue and tile it at exact µm/px, at one or more nested magnifications.
 
@@ -275,6 +265,7 @@ def tile(
     Exits with status 1 if any slide failed (after finishing all others); see JOB/status.csv."""
     from wsimil.slide.job import TileSettings, run_tiling
 
+    apply_threads(threads, "image", workers=workers)
     settings = TileSettings(mags=list(mag), patch_size=patch_size, reader=reader, mpp=mpp, min_tissue=min_tissue)
     table = run_tiling(slides, out, settings, workers=workers, overwrite=overwrite, claim_timeout=claim_timeout)
     _report_batch(table, "Tiled", out, out / "status.csv")
@@ -301,6 +292,7 @@ def extract(
     seed: Annotated[int, typer.Option(help="Seed of the random init when no weights are given.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Redo slides whose features are already valid.")] = False,
     claim_timeout: ClaimTimeout = 600.0,
+    threads: Threads = None,
 ) -> None:
     """Encode a tiling job's patches into feature bags.
 
@@ -319,6 +311,7 @@ def extract(
         precision=precision,
         reader=reader,
         seed=seed,
+        threads=threads,
     )
     table = run_extraction(job, st, patch_size, overwrite, backend=backend, ray_address=ray_address,
                            claim_timeout=claim_timeout)  # fmt: skip
@@ -369,13 +362,14 @@ def demo(
     epochs: Annotated[int, typer.Option()] = 30,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option()] = "auto",
+    threads: Threads = None,
 ) -> None:
     """Run the whole pipeline on built-in synthetic slides (a few minutes on CPU).
 
     synth → tile (20x, 5x) → features → ABMIL training → results; prints where the outputs are."""
     from wsimil.demo import run_demo
 
-    run_demo(out, seed=seed, epochs=epochs, device=device, n_slides=slides)
+    run_demo(out, seed=seed, epochs=epochs, device=device, n_slides=slides, threads=threads)
 
 
 @app.command()
@@ -406,6 +400,7 @@ def predict(
     ] = None,
     expect_sha256: Annotated[str | None, typer.Option(help=EXPECT_HELP)] = None,
     claim_timeout: ClaimTimeout = 600.0,
+    threads: Threads = None,
 ) -> None:
     """Predict new slides with a model bundle: tile → encode → aggregate (cached tiles and features are reused).
 
@@ -419,6 +414,7 @@ def predict(
 
     if (slides is None) == (features is None):
         raise WsimilError("give exactly one of --slides (slide files) or --features (a feature folder)")
+    use_threads(threads, "image" if slides else "mil", workers=workers)  # extraction re-resolves it for encoding
     if features is not None:
         table = predict_features(
             model, features, out, device=device, folds=fold or None, expect_sha256=expect_sha256,
@@ -469,6 +465,7 @@ def heatmap(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ... (with --model/--run)")] = "auto",
     mpp: Annotated[float | None, typer.Option(help="Level-0 µm/px for slides whose metadata lacks it.")] = None,
     expect_sha256: Annotated[str | None, typer.Option(help=EXPECT_HELP)] = None,
+    threads: Threads = None,
 ) -> None:
     """Draw attention / instance-score heatmaps over slide thumbnails, with tissue contours and the top-k patches.
 
@@ -480,6 +477,7 @@ def heatmap(
     if sum(x is not None for x in (model, predictions, run)) != 1:
         raise WsimilError("give exactly one of --model (with --slides), --predictions or --run")
     kw = {"size": size, "k": top_k, "scale": scale}
+    use_threads(threads, "image")
     if model is not None:
         from wsimil.inference import predict_slides
 
@@ -601,6 +599,7 @@ def lrmil(
         Path | None,
         typer.Option(help="Run folder whose features, teacher, baseline and stage 1 to reuse (e.g. for ablations)."),
     ] = None,
+    threads: Threads = None,
 ) -> None:
     """LRMIL: distil a 20x teacher into a 5x-only pipeline (SPEC §1), with HR teacher and LR baseline beside it.
 
@@ -620,6 +619,7 @@ def lrmil(
         "timing_slides": timing_slides,
         "batch_size": batch_size,
         "workers": workers,
+        "threads": threads,
         "shared": str(shared) if shared else None,
         "teacher.epochs": epochs,
         "student.epochs": epochs,

@@ -64,6 +64,7 @@ class TrainConfig(BaseModel):
     device: str = "auto"
     eval_batch_size: int = Field(8, ge=1)
     max_memory_gb: float = Field(16.0, ge=0, description="keep bags in RAM up to this size, else read from disk")
+    threads: int | str = Field("auto", description="CPU threads: N, or auto (chosen per step: wsimil.threads)")
 
     @model_validator(mode="before")
     @classmethod
@@ -74,6 +75,13 @@ class TrainConfig(BaseModel):
 
             data = {**method_config_defaults(data["method"]), **data}
         return data
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, v: Any) -> int | str:
+        from wsimil.threads import parse_threads
+
+        return parse_threads(v)
 
     @field_validator("model")
     @classmethod
@@ -141,6 +149,21 @@ def _model_kwargs_for(kwargs: dict[str, Any], file_model: str, model: str, metho
             stacklevel=3,
         )
     return {k: v for k, v in kwargs.items() if k not in drop}
+
+
+def parse_key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
+    """``["a=1", "b=[2, 3]"]`` → ``{"a": 1, "b": [2, 3]}`` (values parsed as YAML); ``flag`` names the option in
+    errors."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise WsimilError(f"{flag} expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise WsimilError(f"{flag} {item!r}: value is not valid YAML: {e}") from None
+    return out
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:

@@ -22,6 +22,7 @@ from wsimil.progress import console
 from wsimil.report import build_report
 from wsimil.slide.job import TileSettings, run_tiling
 from wsimil.slide.synth import make_cohort
+from wsimil.threads import apply_threads
 
 #: why ABMIL at 5× is near chance on the demo cohort (printed with the results and shown in the report)
 FIVE_X_NOTE = (
@@ -40,11 +41,13 @@ def run_demo(
     n_slides: int = 20,
     width: int = 8192,
     height: int = 6144,
+    threads: int | str | None = None,
 ) -> dict:
     from wsimil.config import resolve_device
 
     out = Path(out)
     dev = resolve_device(device)
+    apply_threads(threads, "image")  # and each later step for its own work (wsimil.threads)
     t_start = time.perf_counter()
     console.rule("[bold]wsimil demo")
     console.print(
@@ -62,7 +65,7 @@ def run_demo(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         for mag in (20, 5):
-            st = ExtractSettings(mag=mag, encoder="resnet18", device=dev, batch_size=64, seed=seed)
+            st = ExtractSettings(mag=mag, encoder="resnet18", device=dev, batch_size=64, seed=seed, threads=threads)
             run_extraction(job, st)
     console.print("4/5 Training ABMIL with 5-fold cross-validation at each magnification")
     for mag in (20, 5):
@@ -77,6 +80,7 @@ def run_demo(
             patience=8,
             model_kwargs={"hidden_dims": [256], "attn_dim": 128},
             bootstrap=200,
+            threads=threads,
         )
         results[mag] = run_training(cfg, features_dir(job, st, 256), manifest, out / f"run_{mag:g}x")
     console.print("5/5 Writing the 20x model bundle and the HTML report of both runs (out-of-fold heatmaps)")

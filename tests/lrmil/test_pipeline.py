@@ -374,3 +374,20 @@ def test_unlabelled_stage1_slides_must_be_tiled(run, tmp_path):
     assert unlabelled_slides(str(table), j, ids) == []  # already labelled: nothing extra
     with pytest.raises(WsimilError, match="neither a slide folder nor a CSV"):
         unlabelled_slides(str(tmp_path / "nope.txt"), j, ids)
+
+
+def test_threads_saved_and_other_threads_reuse_every_step(run):
+    out = run["out"]
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["threads"] == "auto" and cfg["threads_resolved"]["work"] == "encode"
+    ckpt = out / "student" / "fold0" / "checkpoints" / "repeat0_fold0.safetensors"
+    before = ckpt.stat().st_mtime_ns
+    try:
+        lrmil_cli(run["job"], run["manifest"], out, run["cfg"], "--threads", "2")
+    finally:
+        torch.set_num_threads(1)  # as the module's other tests run
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["threads"] == 2 and cfg["threads_resolved"]["threads"] == 2
+    assert ckpt.stat().st_mtime_ns == before  # thread counts are not part of any step's key
+    teacher = yaml.safe_load((out / "teacher" / "config.yaml").read_text())
+    assert teacher["threads_resolved"] == {**teacher["threads_resolved"], "threads": 2, "work": "mil"}

@@ -20,6 +20,7 @@ from wsimil.features.store import FeatureStore
 from wsimil.io import write_csv, write_json
 from wsimil.methods.trainer import load_model
 from wsimil.progress import track
+from wsimil.threads import apply_threads, mil_step_elements
 
 
 def evaluate_run(
@@ -31,6 +32,7 @@ def evaluate_run(
     n_boot: int = 1000,
     seed: int = 0,
     batch_size: int = 8,
+    threads: int | str | None = None,
 ) -> dict:
     run, out = Path(run), Path(out)
     cfg_path = run / "config.yaml"
@@ -49,6 +51,7 @@ def evaluate_run(
             f"{cfg['in_dim']}-d features (encoder mismatch?)"
         )
     dev = resolve_device(device)
+    apply_threads(threads, "mil", elements=mil_step_elements(cohort.lengths.values(), cohort.in_dim, batch_size))
     bags = BagTensors(cohort, man.slide_ids)
     y = man.labels
     has_inst = cohort.has_instance_labels

@@ -25,6 +25,7 @@ from wsimil.features.encoders import Encoder, create_encoder
 from wsimil.features.patches import PatchGrid, SlidePatchBlocks, patch_labels_from_mask
 from wsimil.features.store import write_bag
 from wsimil.slide.job import check_tiled, grid_dir_name, patches_path
+from wsimil.threads import apply_threads
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -41,6 +42,7 @@ class ExtractSettings:
     reader: str = "auto"
     block: int = 4  # cells per side of one read; OpenSlide slows down on much larger regions
     seed: int = 0
+    threads: int | str | None = None  # CPU threads, N or auto; None: the process-wide request (wsimil.threads)
 
     def validate(self) -> None:
         """Refuse settings no slide could be encoded with, before the encoder is loaded."""
@@ -231,6 +233,7 @@ def run_extraction(
 
         rows = run_extraction_ray(job, st, slides, patch_size, overwrite, ray_address, claim_timeout=claim_timeout)
     elif backend == "local":
+        apply_threads(st.threads, "encode", workers=st.workers)
         encoder = encoder or create_encoder(st.encoder, st.weights, st.seed)
         encoder.model.to(st.device)
         rows = []

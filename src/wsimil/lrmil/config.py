@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from wsimil.errors import WsimilError
 
@@ -94,6 +94,7 @@ class LRMILConfig(_Strict):
     workers: int = Field(0, ge=0)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     reader: str | None = None  # default: the job's reader
+    threads: int | str = "auto"  # CPU threads: N, or auto (chosen per step: wsimil.threads)
     # trainings
     teacher: MILSettings = Field(default_factory=MILSettings)
     student: MILSettings = Field(default_factory=MILSettings)
@@ -108,6 +109,13 @@ class LRMILConfig(_Strict):
     # evaluation
     bootstrap: int = Field(1000, ge=0)
     timing_slides: int = Field(4, ge=0)  # slides timed end to end on both inference paths (0 = skip)
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, v: Any) -> int | str:
+        from wsimil.threads import parse_threads
+
+        return parse_threads(v)
 
 
 def load_lrmil_config(path: str | Path | None = None, **overrides: Any) -> LRMILConfig:

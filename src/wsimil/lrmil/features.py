@@ -25,6 +25,7 @@ from wsimil.features.store import write_bag
 from wsimil.io import atomic_path
 from wsimil.lrmil.job import LRMILJob
 from wsimil.lrmil.taps import forward_taps
+from wsimil.threads import apply_threads
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -37,6 +38,7 @@ class EncodeSettings:
     precision: str = "fp32"
     reader: str = "auto"
     block: int = 4
+    threads: int | str | None = None  # CPU threads, N or auto; None: the process-wide request (wsimil.threads)
 
 
 def encode_grid(
@@ -168,6 +170,7 @@ def extract(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    apply_threads(st.threads, "encode", workers=st.workers)
     encoder.model.to(st.device).eval()
     with make_progress() as progress:
         task = progress.add_task(desc, total=len(slide_ids), info="")

@@ -56,6 +56,7 @@ from wsimil.lrmil.job import LRMILJob, links_dataset
 from wsimil.lrmil.taps import check_layers, default_layers, n_blocks
 from wsimil.lrmil.teacher import dump_covers, dump_hash, dump_teacher
 from wsimil.progress import console, make_progress
+from wsimil.threads import apply_threads
 
 STEPS = ("hr_features", "teacher", "baseline", "stage1", "lr_features", "student", "timing", "bundle")
 MODELS = ("teacher_hr", "baseline_lr", "student_lr")
@@ -111,6 +112,7 @@ def train_config(ms: MILSettings, cfg: LRMILConfig, classes: list[str], splits: 
         bootstrap=cfg.bootstrap,
         classes=classes,
         label_column=cfg.label_column,
+        threads=cfg.threads,
     )
 
 
@@ -149,6 +151,7 @@ def run_lrmil(
         raise WsimilError(f"unknown step {until!r}; steps in order: {', '.join(STEPS)}")
     out = Path(out).resolve()  # absolute: trainer configs (and so their hashes) hold these paths
     device = resolve_device(cfg.device)
+    threads = apply_threads(cfg.threads, "encode", workers=cfg.workers)  # each step re-resolves it for its work
     man = read_manifest(manifest, cfg.classes, cfg.label_column)
     ids = man.slide_ids
     j = LRMILJob(job, cfg.hr_mag, cfg.lr_mag, cfg.patch_size)
@@ -176,9 +179,10 @@ def run_lrmil(
         "stage1": {**cfg.stage1.model_dump(mode="json"), "layers": list(layers), "input_size": s1_input},
         "encoder_weights": teacher.weights,
         "wsimil_version": __version__,
+        "threads_resolved": threads.to_dict(),  # feature extraction's; each training run's config has its own
     }
     write_yaml(out / "config.yaml", resolved)
-    st = EncodeSettings(device, cfg.batch_size, cfg.workers, cfg.precision, reader)
+    st = EncodeSettings(device, cfg.batch_size, cfg.workers, cfg.precision, reader, threads=cfg.threads)
     enc_id = (
         teacher.name,
         teacher.weights,
@@ -341,6 +345,7 @@ def stage1_fold(cfg, j, teacher, sp, layers, s1_input, hr_dir, dump, out, hr_key
             + (f" ({n_extra} unlabelled)" if n_extra else "")
             + f", selecting on {len(held_out)} held-out slides"
         )
+        apply_threads(cfg.threads, "encode", workers=s1.workers)
         data = Stage1Patches(j, train_ids, hr_dir, dump, layers, reader)
         val = Stage1Patches(j, held_out, hr_dir, dump, layers, reader) if held_out else None
         opts = s1.model_dump(exclude={"enabled", "layers", "input_size"})
@@ -473,8 +478,10 @@ def time_run(cfg, j, teacher, sp, t_dir, out, encoders, lr_input, st, device) ->
     hr_path = SlidePipeline(j.tile_settings([cfg.hr_mag]), teacher, members(t_ckpt), st)
     lr_path = SlidePipeline(j.tile_settings([cfg.lr_mag]), lr_encoder, members(s_ckpt), st)
     console.print(f"6/6 timing both inference paths end to end on {len(slides)} slides (fold {k} test slides)")
+    plan = apply_threads(cfg.threads, "encode", workers=st.workers)
     res = time_paths(hr_path, lr_path, [j.spec(s) for s in slides])
     res["key"] = key
+    res["threads"] = plan.threads
     res["device"] = device
     write_json(path, res)
     return res

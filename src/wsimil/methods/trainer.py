@@ -48,6 +48,7 @@ from wsimil.io import write_csv, write_json, write_yaml
 from wsimil.methods.base import Batch, create_method
 from wsimil.models import MILModel
 from wsimil.progress import console, make_progress
+from wsimil.threads import apply_threads, mil_step_elements
 
 
 @dataclass
@@ -131,7 +132,7 @@ def fold_seed(seed: int, repeat: int, fold: int) -> int:
 
 
 def config_hash(cfg: TrainConfig, extra: dict) -> str:
-    keep = cfg.model_dump(exclude={"device", "bootstrap", "eval_batch_size", "max_memory_gb"})
+    keep = cfg.model_dump(exclude={"device", "bootstrap", "eval_batch_size", "max_memory_gb", "threads"})
     blob = json.dumps({**keep, **extra}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -374,6 +375,8 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
         if cfg.splits
         else kfold_splits(man, cfg.folds, cfg.repeats, cfg.val_fraction, cfg.seed)
     )
+    steps = mil_step_elements(cohort.lengths.values(), cohort.in_dim, cfg.batch_size, cfg.max_instances)
+    threads = apply_threads(cfg.threads, "mil", elements=steps)
     # fail on bad model or method options now, not after a fold of training
     trainer = Trainer(cfg, cohort, out, device, man)
     trainer.method.build(cohort.in_dim, len(man.classes))
@@ -387,6 +390,7 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
         "manifest": str(Path(manifest).resolve()),
         "n_splits": len(splits),
         "wsimil_version": __version__,
+        "threads_resolved": threads.to_dict(),  # what `threads` resolved to on this machine, and why
     }
     write_yaml(out / "config.yaml", resolved)
     results: list[FoldResult] = []
