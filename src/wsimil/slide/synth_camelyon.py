@@ -123,7 +123,16 @@ def make_camelyon_slides(
     from wsimil.progress import track
 
     jobs = [
-        (out, f"synth_{i:04d}", int(np.random.SeedSequence([seed, i]).generate_state(1)[0]), p["spec"], width, height, mpp, app_mag)
+        (
+            out,
+            f"synth_{i:04d}",
+            int(np.random.SeedSequence([seed, i]).generate_state(1)[0]),
+            p["spec"],
+            width,
+            height,
+            mpp,
+            app_mag,
+        )
         for i, p in enumerate(plan)
     ]
     if workers <= 1:
@@ -151,3 +160,44 @@ def composition(manifest: pd.DataFrame) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def composition_text(manifest: str | Path) -> str:
+    """The composition table of a cohort's manifest, as text."""
+    return composition(pd.read_csv(manifest)).to_string(index=False)
+
+
+STAT_NAMES = ("mean_r", "mean_g", "mean_b", "dark_fraction", "saturation")
+
+
+def low_power_statistics(rgb: np.ndarray, patch: int = 256, min_tissue: float = 0.25) -> dict[str, float]:
+    """Slide-level maxima of single colour/density statistics over the tissue patches of a 5× image (``rgb`` at
+    2 µm/px): mean R, G, B, fraction of dark pixels (grey < 120) and mean HSV saturation, each over the patch's
+    tissue pixels. These are the shortcuts a cohort must not reward: on a good synthetic cohort none of them alone
+    separates positive from negative slides."""
+    import cv2
+
+    sat = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1].astype(np.float32)
+    grey = rgb.mean(-1)
+    tissue = (sat > 20) & (grey < 225)
+    best = dict.fromkeys(STAT_NAMES, -np.inf)
+    h, w = grey.shape
+    for y in range(0, max(h - patch // 2, 1), patch):
+        for x in range(0, max(w - patch // 2, 1), patch):
+            t = tissue[y : y + patch, x : x + patch]
+            if t.mean() < min_tissue:
+                continue
+            px = rgb[y : y + patch, x : x + patch][t].astype(np.float32)
+            vals = (*px.mean(0), float((px.mean(-1) < 120).mean()), float(sat[y : y + patch, x : x + patch][t].mean()))
+            for k, v in zip(STAT_NAMES, vals, strict=True):
+                best[k] = max(best[k], float(v))
+    return best
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (ties count half)."""
+    s, y = np.asarray(scores, float), np.asarray(labels).astype(bool)
+    pos, neg = s[y], s[~y]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    return float(((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg)))

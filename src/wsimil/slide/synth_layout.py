@@ -85,6 +85,8 @@ def _nodes(rng, shape) -> list[np.ndarray]:
     """1–3 node sections, each an irregular oval (with a hilar notch) inside its own part of the slide."""
     mh, mw = shape
     k = int(rng.choice([1, 2, 3], p=[0.55, 0.3, 0.15]))
+    if min(mh, mw) * MAP_UM < 6000:  # a small slide holds one section
+        k = 1
     horizontal = mw >= mh
     out = []
     for i in range(k):
@@ -95,7 +97,8 @@ def _nodes(rng, shape) -> list[np.ndarray]:
             cy, cx = (i + 0.5) * mh / k + rng.normal(0, 0.04) * mh / k, mw / 2 + rng.normal(0, 0.05) * mw
             ry, rx = rng.uniform(0.30, 0.40) * mh / k, rng.uniform(0.27, 0.37) * mw * (1 if k == 1 else 0.9)
         ang = rng.uniform(-0.4, 0.4)
-        room_x, room_y = min(cx, mw - cx) * 0.85 - 40, min(cy, mh - cy) * 0.85 - 40  # keep clear of the edges
+        pad = min(40, 0.08 * min(mh, mw))  # keep clear of the edges
+        room_x, room_y = min(cx, mw - cx) * 0.85 - pad, min(cy, mh - cy) * 0.85 - pad
         rx, ry = max(4.0, min(rx, room_x)), max(4.0, min(ry, room_y))
         d = _ellipse(shape, cy, cx, ry, rx, ang)
         f = 1 - d + 0.12 * smooth_noise(rng, shape, max(4, min(rx, ry) * 0.7))
@@ -148,11 +151,19 @@ def _tumour(rng, node: np.ndarray, depth_um: np.ndarray, spec: SlideSpec, tissue
     if spec.target_fraction is not None:  # survival: one focus of the area that gives the asked burden
         diam_mm = 2 * np.sqrt(spec.target_fraction * tissue_px / np.pi) * MAP_UM / 1000 * 1.15
         want = None
+    if want == "macro":  # in the largest section
+        import cv2
+
+        n, lab, stats, _ = cv2.connectedComponentsWithStats(node.astype(np.uint8))
+        if n > 2:
+            node = lab == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    ys, xs = np.nonzero(node)
+    extent_mm = min(np.ptp(ys), np.ptp(xs)) * MAP_UM / 1000 if len(ys) else 0.0
     for _ in range(8):
-        if want is not None:
-            diam_mm = {"macro": rng.uniform(2.3, 5.0), "micro": rng.uniform(0.35, 1.7), "itc": rng.uniform(0.06, 0.15)}[
-                want
-            ]
+        if want == "macro":
+            diam_mm = rng.uniform(2.3, max(2.5, min(5.0, 0.75 * extent_mm)))
+        elif want is not None:
+            diam_mm = rng.uniform(0.35, 1.7) if want == "micro" else rng.uniform(0.06, 0.15)
         diam = diam_mm * 1000 / MAP_UM
         deep = depth_um > (min(diam * MAP_UM / 2.5, 1500) if want == "macro" else 30)
         shallow = deep & (depth_um < 450) if want in ("micro", "itc") and rng.uniform() < 0.7 else deep
@@ -185,11 +196,16 @@ def make_layout(seed: int, shape: tuple[int, int], spec: SlideSpec) -> Layout:
     node = np.zeros(shape, bool)
     for n in nodes:
         node |= n
-    margin = max(2, int(300 / um))
-    frame = np.zeros(shape, bool)
-    frame[margin:-margin, margin:-margin] = True
+    margin = max(2, int(min(300 / um, 0.06 * min(shape))))
+    edge = np.ones(shape, np.uint8)
+    edge[[0, -1], :] = edge[:, [0, -1]] = 0
+    to_edge = cv2.distanceTransform(edge, cv2.DIST_L2, 3)
+    frame = to_edge > margin * (1.2 + 0.5 * smooth_noise(rng, shape, 800 / um))  # tissue stays clear of the edges
     node &= frame
-    rim = cv2.dilate(node.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * int(rng.uniform(300, 1200) / um) + 1,) * 2))
+    rim = cv2.dilate(
+        node.astype(np.uint8),
+        cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * int(rng.uniform(300, 1200) / um) + 1,) * 2),
+    )
     fat = (rim > 0) & ~node & (smooth_noise(rng, shape, 600 / um) > rng.uniform(-0.6, 0.3)) & frame
     depth = cv2.distanceTransform(node.astype(np.uint8), cv2.DIST_L2, 5) * um  # µm from the node surface
     nd = np.zeros(shape, np.float32)  # depth normalised per node section
@@ -220,12 +236,12 @@ def make_layout(seed: int, shape: tuple[int, int], spec: SlideSpec) -> Layout:
     band = node & (depth > cap + sinus_w + 60) & (depth < cortex * (1.6 if spec.hyperplasia else 1.0))
     ys, xs = np.nonzero(band)
     n_fol = int(band.sum() * um * um / 1e6 * rng.uniform(0.8, 2.2) * (1.8 if spec.hyperplasia else 1.0))
-    for _ in range(min(n_fol, 400) if len(ys) else 0):
+    for _ in range(min(max(n_fol, 2), 400) if len(ys) else 0):
         j = rng.integers(len(ys))
         r = rng.uniform(130, 300) * (1.6 if spec.hyperplasia else 1.0) / um
         fol = _blob(rng, shape, ys[j], xs[j], 2 * r, 0.12) & node & (depth > cap + sinus_w)
         reg[fol] = MANTLE
-        if rng.uniform() < 0.75:  # secondary follicle
+        if spec.hyperplasia or rng.uniform() < 0.75:  # secondary follicle
             gc = _blob(rng, shape, ys[j] + r * 0.1, xs[j], 2 * r * rng.uniform(0.55, 0.75), 0.1) & fol
             reg[gc] = GC
             gc_all |= gc
@@ -288,7 +304,9 @@ def make_layout(seed: int, shape: tuple[int, int], spec: SlideSpec) -> Layout:
         ink = cv2.GaussianBlur(stroke.astype(np.float32), (0, 0), 1.5) * rng.uniform(0.6, 1.2)
         arts.append("pen")
     if rng.uniform() < 0.1:  # an air bubble: a dark rim
-        d = _ellipse(shape, rng.uniform(0.2, 0.8) * mh, rng.uniform(0.2, 0.8) * mw, *(rng.uniform(400, 1500) / um,) * 2, 0)
+        d = _ellipse(
+            shape, rng.uniform(0.2, 0.8) * mh, rng.uniform(0.2, 0.8) * mw, *(rng.uniform(400, 1500) / um,) * 2, 0
+        )
         ring = np.clip(1 - np.abs(d - 1) * rng.uniform(20, 40), 0, 1).astype(np.float32) * 0.6
         arts.append("bubble")
     if blur.any():

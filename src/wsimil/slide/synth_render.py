@@ -75,7 +75,9 @@ class SlideRenderer:
     def _warp(self, img: np.ndarray, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         cv2, s = self.cv2, self.s
         m = np.array([[s, 0, (x0 + 0.5) * s - 0.5], [0, s, (y0 + 0.5) * s - 0.5]], np.float64)
-        return cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+        return cv2.warpAffine(
+            img, m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
+        )
 
     def empty(self, x0: int, y0: int, w: int, h: int) -> bool:
         """Whether the rectangle holds only glass (no tissue, ink or bubble rim)."""
@@ -165,7 +167,9 @@ def write_streamed_pyramid(
                 strip[:, x0 : x0 + ws] = render(x0, y0, ws, hs)
             r0, r1 = y0 // d1, min((y0 + hs) // d1, lvl1.shape[0])
             if r1 > r0:
-                lvl1[r0:r1] = cv2.resize(strip[: (r1 - r0) * d1], (lvl1.shape[1], r1 - r0), interpolation=cv2.INTER_AREA)
+                lvl1[r0:r1] = cv2.resize(
+                    strip[: (r1 - r0) * d1], (lvl1.shape[1], r1 - r0), interpolation=cv2.INTER_AREA
+                )
             for ty in range(0, hs, tile):
                 for tx in range(0, width, tile):
                     t = strip[ty : ty + tile, tx : tx + tile]
@@ -181,7 +185,9 @@ def write_streamed_pyramid(
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=width * height * 3 > 2**31) as tw:
         tw.write(tiles(), shape=(height, width, 3), dtype=np.uint8, tile=(tile, tile), description=desc, **jpeg)
         thumb_ds = max(width, height) / 768
-        thumb = cv2.resize(lvl1, (max(1, int(width / thumb_ds)), max(1, int(height / thumb_ds))), interpolation=cv2.INTER_AREA)
+        thumb = cv2.resize(
+            lvl1, (max(1, int(width / thumb_ds)), max(1, int(height / thumb_ds))), interpolation=cv2.INTER_AREA
+        )
         tw.write(thumb, description="Aperio Image Library v10.0.0\nthumbnail", **jpeg)
         for d in downsamples:
             w, h = width // d, height // d
