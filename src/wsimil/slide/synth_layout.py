@@ -248,6 +248,7 @@ def make_layout(seed: int, shape: tuple[int, int], spec: SlideSpec) -> Layout:
     mimic[gc_all] = 1
 
     props = PROPS[reg].copy()
+    props[..., 0] *= rng.uniform(0.55, 1.0)  # cellularity varies between nodes (reactive, depleted, fatty)
     histiocytosis = rng.uniform() < 0.5
     if histiocytosis:  # sinuses packed with histiocytes (pale pink at low power)
         m = np.isin(reg, (SUBCAP, MSINUS)) & (smooth_noise(rng, shape, 300 / um) > -0.3)

@@ -124,11 +124,13 @@ class SlideRenderer:
             hh += a * (tx[..., 0].astype(np.float32) * np.float32(1 / H_SCALE) - hh)
             ee += a * (tx[..., 1].astype(np.float32) * np.float32(1 / E_SCALE) - ee)
         k = g3[..., 0] * g3[..., 1] * np.float32(THICK_MAX)
-        hh *= k * st.h_gain
-        ee *= k * st.e_gain
-        od = hh[..., None] * st.h + ee[..., None] * st.e + st.glass
-        od += (g3[..., 2] * 2)[..., None] * st.ink + (g3[..., 3] * 0.8)[..., None]
-        rgb = 255 * np.exp(-od) + (grain * 10)[..., None]
+        # OD = H·h + E·e (+ glass) in one cv2 pass: a 3x3 matrix whose last column is the offset
+        mat = np.concatenate([np.stack([st.h * st.h_gain, st.e * st.e_gain], 1), st.glass[:, None]], 1)
+        od = cv2.transform(np.dstack([hh * k, ee * k]), mat.astype(np.float32))
+        if g3[..., 2].max() > 0 or g3[..., 3].max() > 0:  # pen ink, bubble rims
+            od += (g3[..., 2] * 2)[..., None] * st.ink + (g3[..., 3] * 0.8)[..., None]
+        rgb = cv2.exp(-od)
+        rgb = cv2.scaleAdd(rgb, 255.0, cv2.merge([grain * 10] * 3))
         if m:
             b = blur.astype(np.float32)[..., None] / 255
             soft = cv2.GaussianBlur(rgb, (0, 0), 1.2 / self.mpp)
