@@ -50,7 +50,7 @@ def test_chunks_are_independent():
 
 def test_cohort_manifest_and_masks(tmp_path):
     out = tmp_path / "c"
-    slides = make_cohort(out, 4, seed=2, width=1600, height=1300, mpp=1.0, app_mag=10, preset="camelyon")
+    slides = make_cohort(out, 4, seed=2, width=1200, height=1000, mpp=1.0, app_mag=10, preset="camelyon")
     m = pd.read_csv(out / "manifest.csv")
     assert list(m.columns[:6]) == ["case_id", "slide_id", "label", "path", "tumor_mask", "mask_downsample"]
     assert set(COLUMNS) <= set(m.columns) and (m.mask_downsample == MAP_UM).all()
@@ -59,10 +59,10 @@ def test_cohort_manifest_and_masks(tmp_path):
     for r, s in zip(m.itertuples(), slides, strict=True):
         tum = np.asarray(Image.open(r.tumor_mask)) > 0
         mim = np.asarray(Image.open(r.mimic_mask))
-        assert tum.shape == mim.shape == (np.ceil(1300 / MAP_UM), np.ceil(1600 / MAP_UM))
+        assert tum.shape == mim.shape == (np.ceil(1000 / MAP_UM), np.ceil(1200 / MAP_UM))
         assert tum.any() == bool(r.label) and s.tumor_fraction == r.tumor_fraction
         with open_slide(r.path) as sl:
-            assert sl.dimensions == (1600, 1300) and sl.mpp == pytest.approx(1.0) and sl.level_count >= 2
+            assert sl.dimensions == (1200, 1000) and sl.mpp == pytest.approx(1.0) and sl.level_count >= 2
             img = sl.read_region((0, 0), 0, sl.dimensions)
         assert (img.mean(-1) < 200).mean() > 0.1  # there is tissue
 
@@ -82,7 +82,7 @@ def test_tumour_is_paler_and_pinker_than_lymphoid_tissue_at_5x():
 
 
 def test_other_tasks_and_determinism(tmp_path):
-    kw = dict(width=1200, height=1000, mpp=1.0, app_mag=10, preset="camelyon")
+    kw = dict(width=600, height=500, mpp=2.0, app_mag=5, preset="camelyon")
     make_cohort(tmp_path / "h", 4, seed=1, task="hierarchical", **kw)
     h = pd.read_csv(tmp_path / "h" / "manifest.csv")
     assert sorted(h.fine_label) == ["high_grade", "hyperplasia", "low_grade", "normal"]
@@ -102,7 +102,7 @@ def test_other_tasks_and_determinism(tmp_path):
 def test_cli_preset_prints_composition(tmp_path):
     from wsimil.cli import app
 
-    args = ["synth", "--slides", "2", "--width", "1200", "--height", "1000", "--mpp", "1.0", "--preset"]
+    args = ["synth", "--slides", "2", "--width", "600", "--height", "500", "--mpp", "2.0", "--preset"]
     r = CliRunner().invoke(app, [*args, "camelyon", "--out", str(tmp_path / "c"), "--workers", "2"])
     assert r.exit_code == 0, r.output
     assert "size_class" in r.output and "negative" in r.output

@@ -133,7 +133,7 @@ class SlideRenderer:
         rgb = cv2.scaleAdd(rgb, 255.0, cv2.merge([grain * 10] * 3))
         if m:
             b = blur.astype(np.float32)[..., None] / 255
-            soft = cv2.GaussianBlur(rgb, (0, 0), 1.2 / self.mpp)
+            soft = cv2.GaussianBlur(rgb, (0, 0), 0.7 / self.mpp)
             rgb = rgb[m:-m, m:-m]
             rgb += b * (soft[m:-m, m:-m] - rgb)
         return np.clip(rgb, 0, 255).astype(np.uint8)

@@ -109,7 +109,7 @@ class _Canvas:
         if not len(polys):
             return
         v = np.clip(np.broadcast_to(np.asarray(value, np.float64) * scale, (len(polys),)), 0, 255).astype(np.int64)
-        for val in np.unique(v):
+        for val in np.unique(v)[::-1]:  # descending: where cells overlap, the lowest rank is drawn last
             for group in self._wrapped(polys[v == val]):
                 cv2.fillPoly(self.img[channel], list(group), int(val), cv2.LINE_AA if aa else cv2.LINE_8, shift=4)
 
@@ -118,8 +118,10 @@ class _Canvas:
         self.fill(2, polys, (np.asarray(ranks) // 4) * 4, aa=False)
         self.fill(3, polys, 255)
 
-    def image(self) -> np.ndarray:
+    def image(self, rng: np.random.Generator, k: float) -> np.ndarray:
         img = np.ascontiguousarray(self.img.transpose(1, 2, 0))
+        gain = 1 + 0.13 * smooth_noise(rng, (self.size, self.size), 7 * k, periodic=True)  # nucleus to nucleus
+        img[..., 0] = np.clip(img[..., 0] * gain, 0, 255).astype(np.uint8)
         img[..., 2][img[..., 3] == 0] = 255
         return img
 
@@ -127,10 +129,19 @@ class _Canvas:
 H, E = 0, 1
 
 
-def _field_ranks(rng, pts: np.ndarray, size: int, scale: float, noise: float) -> np.ndarray:
+def _field_ranks(rng, pts: np.ndarray, size: int, scale: float, noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """Ranks following a smooth field (so cells kept at low density cluster); returns ``(pts, ranks)`` sorted by
+    descending rank, the drawing order that keeps a present cell whole where it overlaps an absent one."""
     field = smooth_noise(rng, (size, size), scale, periodic=True)
     v = field[pts[:, 1].astype(int) % size, pts[:, 0].astype(int) % size] + noise * rng.standard_normal(len(pts))
-    return _ranks(v)
+    r = _ranks(v)
+    order = np.argsort(-r.astype(int), kind="stable")
+    return pts[order], r[order]
+
+
+def _random_ranks(rng, n: int) -> np.ndarray:
+    """Random ranks in descending order (centres come shuffled, so this is a random assignment)."""
+    return np.sort(rng.integers(0, 255, n))[::-1]
 
 
 def _nuclei(cv, rng, pts, k, r, ecc, irr, h_rim, h_core, specks=0, h_speck=None, nucleolus=None, theta=None):
@@ -138,11 +149,10 @@ def _nuclei(cv, rng, pts, k, r, ecc, irr, h_rim, h_core, specks=0, h_speck=None,
     (vesicular chromatin), chromatin specks and optional nucleoli (``nucleolus``: µm radii, 0 = none)."""
     x, y = pts[:, 0], pts[:, 1]
     outer = _polys(rng, x, y, r * k, ecc, irr, theta)
-    gain = np.round(rng.uniform(0.85, 1.15, len(x)) * 10) / 10  # per-nucleus staining, in a few steps
-    cv.fill(H, outer, h_rim * gain, H_SCALE)
+    cv.fill(H, outer, h_rim, H_SCALE)
     cv.fill(E, outer, 0.3, E_SCALE)  # nuclei take some eosin too: purple rather than navy
     if h_core < h_rim:
-        cv.fill(H, _scaled(outer, 0.76), h_core * gain, H_SCALE)
+        cv.fill(H, _scaled(outer, 0.76), h_core, H_SCALE)
     if specks:
         m = len(x) * specks
         a, d = rng.uniform(0, 2 * np.pi, m), rng.uniform(0, 0.7, m) * np.repeat(r * k, specks)
@@ -167,9 +177,9 @@ def lymphocytes(rng, size: int, k: float) -> np.ndarray:
     foot = _polys(rng, pts[:, 0], pts[:, 1], (r + 0.8) * k, 0.95, 0.05, n=10)
     cv.fill(E, foot, 0.35, E_SCALE)
     cv.fill(H, foot, 0.15, H_SCALE)
-    cv.cells(foot, rng.integers(0, 255, n))
+    cv.cells(foot, _random_ranks(rng, n))
     _nuclei(cv, rng, pts, k, r, rng.uniform(0.85, 1.0, n), 0.05, 2.3, 2.3, specks=2, h_speck=2.9)
-    return cv.image()
+    return cv.image(rng, k)
 
 
 def germinal_centre(rng, size: int, k: float) -> np.ndarray:
@@ -178,7 +188,7 @@ def germinal_centre(rng, size: int, k: float) -> np.ndarray:
     cv = _Canvas(size)
     pts = _centres(rng, size, 9.0 * k, 0.3)
     u = rng.uniform(size=len(pts))
-    ranks = rng.integers(0, 255, len(pts))
+    ranks = _random_ranks(rng, len(pts))
     tbm, cb, cc = u < 0.06, (u >= 0.06) & (u < 0.5), u >= 0.5
     for sel, foot_r, e in ((tbm, 9.5, 0.3), (cb, 6.5, 0.3), (cc, 4.8, 0.28)):
         foot = _polys(rng, pts[sel, 0], pts[sel, 1], foot_r * k * rng.uniform(0.85, 1.15, sel.sum()), 0.88, 0.1)
@@ -193,26 +203,26 @@ def germinal_centre(rng, size: int, k: float) -> np.ndarray:
     m = tbm.sum() * 4  # apoptotic debris in the macrophages
     d = np.repeat(pts[tbm], 4, 0) + rng.normal(0, 3 * k, (m, 2))
     cv.fill(H, _polys(rng, d[:, 0], d[:, 1], rng.uniform(0.8, 1.6, m) * k, 1.0, 0.1, n=8), 2.6, H_SCALE)
-    return cv.image()
+    return cv.image(rng, k)
 
 
 def histiocytes(rng, size: int, k: float) -> np.ndarray:
     """Histiocytes: abundant pale, finely vacuolated pink cytoplasm; oval or bean-shaped pale nuclei with fine
     chromatin and a small nucleolus. Ranks follow a smooth field so sparse histiocytes cluster."""
     cv = _Canvas(size)
-    pts = _centres(rng, size, 15.0 * k, 0.25)
+    pts, ranks = _field_ranks(rng, _centres(rng, size, 15.0 * k, 0.25), size, 40 * k, 0.5)
     n = len(pts)
     foot = _polys(rng, pts[:, 0], pts[:, 1], rng.uniform(8.5, 11, n) * k, rng.uniform(0.7, 0.95, n), 0.1, n=9)
     cv.fill(E, foot, 0.45, E_SCALE)
     cv.fill(H, foot, 0.1, H_SCALE)
-    cv.cells(foot, _field_ranks(rng, pts, size, 40 * k, 0.5))
+    cv.cells(foot, ranks)
     m = n * 4  # foamy vacuoles
     v = np.repeat(pts, 4, 0) + rng.normal(0, 4 * k, (m, 2))
     cv.fill(E, _polys(rng, v[:, 0], v[:, 1], rng.uniform(0.8, 1.5, m) * k, 1.0, 0.1, n=6), 0.28, E_SCALE)
     off = pts + rng.normal(0, 2 * k, (n, 2))
     _nuclei(cv, rng, off, k, rng.uniform(3.6, 4.6, n), rng.uniform(0.5, 0.7, n), 0.1, 1.15, 0.85, specks=2,
             nucleolus=rng.uniform(0.4, 0.5, n))  # fmt: skip
-    return cv.image()
+    return cv.image(rng, k)
 
 
 def tumour(rng, size: int, k: float, grade: int = 1) -> np.ndarray:
@@ -222,24 +232,24 @@ def tumour(rng, size: int, k: float, grade: int = 1) -> np.ndarray:
     so low densities leave cohesive nests and clusters."""
     cv = _Canvas(size)
     hi = grade >= 2
-    pts = _centres(rng, size, (15.5 if hi else 14.0) * k, 0.22)
+    pts, ranks = _field_ranks(rng, _centres(rng, size, (16.5 if hi else 15.5) * k, 0.22), size, 30 * k, 0.35)
     n = len(pts)
-    foot = _polys(rng, pts[:, 0], pts[:, 1], (9.5 if hi else 8.6) * k, rng.uniform(0.8, 1.0, n), 0.12, n=7)
+    foot = _polys(rng, pts[:, 0], pts[:, 1], (10.0 if hi else 9.2) * k, rng.uniform(0.8, 1.0, n), 0.12, n=7)
     cv.fill(E, foot, 0.88, E_SCALE)  # cell borders, a little darker than the cytoplasm
     cv.fill(H, foot, 0.3, H_SCALE)
-    cv.fill(E, _scaled(foot, 0.9), rng.uniform(0.7, 0.85, n), E_SCALE)
+    cv.fill(E, _scaled(foot, 0.9), 0.78, E_SCALE)
     cv.fill(H, _scaled(foot, 0.9), 0.22, H_SCALE)
-    cv.cells(foot, _field_ranks(rng, pts, size, 30 * k, 0.35))
+    cv.cells(foot, ranks)
     mit = rng.uniform(size=n) < 0.02
-    r = rng.uniform(5.5, 8.0, n) if hi else rng.uniform(4.6, 6.6, n)
+    r = rng.uniform(4.8, 7.2, n) if hi else rng.uniform(4.0, 5.8, n)
     nl = rng.uniform(1.0, 1.5, n) if hi else rng.uniform(0.7, 1.1, n)
     _nuclei(cv, rng, pts[~mit] + rng.normal(0, 1.5 * k, ((~mit).sum(), 2)), k, r[~mit],
-            rng.uniform(0.6, 0.95, (~mit).sum()), 0.16 if hi else 0.11, 1.9, 1.15, specks=7, h_speck=2.2,
+            rng.uniform(0.6, 0.95, (~mit).sum()), 0.16 if hi else 0.11, 1.8, 0.95, specks=7, h_speck=2.1,
             nucleolus=nl[~mit])  # fmt: skip
     m = mit.sum() * 6  # mitoses: dark irregular chromosome clumps
     d = np.repeat(pts[mit], 6, 0) + rng.normal(0, 1.5 * k, (m, 2))
     cv.fill(H, _polys(rng, d[:, 0], d[:, 1], rng.uniform(0.8, 1.4, m) * k, 1.0, 0.2, n=6), 2.8, H_SCALE)
-    return cv.image()
+    return cv.image(rng, k)
 
 
 def spindle_cells(rng, size: int, k: float) -> np.ndarray:
@@ -249,10 +259,10 @@ def spindle_cells(rng, size: int, k: float) -> np.ndarray:
     n = len(pts)
     th = rng.uniform(0, np.pi) + rng.normal(0, 0.35, n)
     foot = _polys(rng, pts[:, 0], pts[:, 1], rng.uniform(4.5, 7.0, n) * k, 0.22, 0.04, theta=th)
-    cv.cells(foot, rng.integers(0, 255, n))
+    cv.cells(foot, _random_ranks(rng, n))
     cv.fill(H, foot, 1.9, H_SCALE)
     cv.fill(E, foot, 0.2, E_SCALE)
-    return cv.image()
+    return cv.image(rng, k)
 
 
 def adipocytes(rng, size: int, k: float) -> np.ndarray:
