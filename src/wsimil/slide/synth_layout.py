@@ -92,10 +92,10 @@ def _nodes(rng, shape) -> list[np.ndarray]:
     for i in range(k):
         if horizontal:
             cx, cy = (i + 0.5) * mw / k + rng.normal(0, 0.04) * mw / k, mh / 2 + rng.normal(0, 0.05) * mh
-            rx, ry = rng.uniform(0.30, 0.40) * mw / k, rng.uniform(0.27, 0.37) * mh * (1 if k == 1 else 0.9)
+            rx, ry = rng.uniform(0.34, 0.44) * mw / k, rng.uniform(0.31, 0.41) * mh * (1 if k == 1 else 0.9)
         else:
             cy, cx = (i + 0.5) * mh / k + rng.normal(0, 0.04) * mh / k, mw / 2 + rng.normal(0, 0.05) * mw
-            ry, rx = rng.uniform(0.30, 0.40) * mh / k, rng.uniform(0.27, 0.37) * mw * (1 if k == 1 else 0.9)
+            ry, rx = rng.uniform(0.34, 0.44) * mh / k, rng.uniform(0.31, 0.41) * mw * (1 if k == 1 else 0.9)
         ang = rng.uniform(-0.4, 0.4)
         pad = min(40, 0.08 * min(mh, mw))  # keep clear of the edges
         room_x, room_y = min(cx, mw - cx) * 0.85 - pad, min(cy, mh - cy) * 0.85 - pad
@@ -131,12 +131,15 @@ def largest_focus_mm(mask: np.ndarray) -> float:
     minimum-area rectangle, at least one map pixel)."""
     import cv2
 
-    n, lab = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     best = 0.0
-    for i in range(1, n):
-        ys, xs = np.nonzero(lab == i)
-        (_, _), (w, h), _ = cv2.minAreaRect(np.stack([xs, ys], 1).astype(np.float32))
-        best = max(best, max(w, h) + 1.0)
+    for i in np.argsort(-np.hypot(stats[1:, 2], stats[1:, 3])) + 1:  # largest boxes first
+        x, y, w, h = stats[i, :4]
+        if np.hypot(w, h) + 1.0 <= best:  # no longer side can exceed the box's diagonal
+            break
+        ys, xs = np.nonzero(lab[y : y + h, x : x + w] == i)
+        (_, _), (rw, rh), _ = cv2.minAreaRect(np.stack([xs, ys], 1).astype(np.float32))
+        best = max(best, max(rw, rh) + 1.0)
     return best * MAP_UM / 1000.0
 
 

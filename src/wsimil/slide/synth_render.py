@@ -3,8 +3,8 @@
 full-resolution image is ever held in memory.
 
 A chunk is composed in stain space. Each cell population's periodic texture
-(:mod:`wsimil.slide.synth_textures`) is looked up through a slowly varying displacement field (so the texture never
-visibly repeats) and kept where the cell's rank is below the population's local density; the populations are laid
+(:mod:`wsimil.slide.synth_textures`) is looked up at a per-slide phase (a slice of the wrap-padded texture) and kept
+where the cell's rank is below the population's local density; the populations are laid
 over a background of eosin (collagen, cytoplasm) and faint hematoxylin. Hematoxylin and eosin concentrations become
 optical densities through the slide's stain vectors (hue and strength drawn per slide), times the section
 thickness (folds double it), plus pen ink and bubble rims; then RGB = 255·exp(−OD), mild blur where the layout says,
@@ -21,7 +21,7 @@ import numpy as np
 
 from wsimil.io import atomic_path
 from wsimil.slide.synth_layout import MAP_UM, Layout
-from wsimil.slide.synth_textures import E_SCALE, H_SCALE, POPULATIONS, smooth_noise
+from wsimil.slide.synth_textures import E_SCALE, H_SCALE, POPULATIONS
 
 E_MAX, H_MAX, THICK_MAX = 1.2, 0.3, 3.0  # uint8 packing ranges of the background maps
 
@@ -50,14 +50,23 @@ class Stain:
         return cls(h, e, ink * 1.6, glass, float(rng.uniform(0.75, 1.3)), float(rng.uniform(0.65, 1.35)))
 
 
+PIECE = 1024  # largest rectangle rendered in one go (textures are padded by this much)
+
+
 class SlideRenderer:
     """Renders any level-0 rectangle of a slide from its layout, textures and stain."""
 
     def __init__(self, layout: Layout, mpp: float, seed: int, textures: dict[str, np.ndarray], stain: Stain):
         import cv2
 
-        self.mpp, self.textures, self.stain = mpp, textures, stain
+        self.mpp, self.stain, self.cv2 = mpp, stain, cv2
         self.size = textures["lym"].shape[0]
+        # textures padded by wrapping, so any lookup is a slice; each population gets its own phase per slide
+        self.textures = {
+            k: np.pad(v, ((0, PIECE + 32), (0, PIECE + 32), (0, 0)), mode="wrap") for k, v in textures.items()
+        }
+        rng = np.random.default_rng([seed, 11])
+        self.phase = {k: rng.integers(0, self.size, 2) for k in textures}
         p = layout.props
         self.g1 = np.clip(p[..., :4] * 255, 0, 255).astype(np.uint8)
         g2 = np.stack([p[..., 4], p[..., 5], p[..., 6] / E_MAX, p[..., 7] / H_MAX], -1)
@@ -65,12 +74,7 @@ class SlideRenderer:
         g3 = np.stack([layout.tissue, layout.thick / THICK_MAX, layout.ink / 2, layout.ring], -1)
         self.g3 = np.clip(g3 * 255, 0, 255).astype(np.uint8)
         self.blur = np.clip(layout.blur * 255, 0, 255).astype(np.uint8)
-        rng = np.random.default_rng([seed, 11])
-        amp = 150.0 / mpp  # px: texture phase drifts by up to ~0.3 mm across the slide
-        scale = 2000 / MAP_UM
-        self.disp = np.stack([smooth_noise(rng, p.shape[:2], scale) * amp for _ in range(2)], -1).astype(np.float32)
         self.s = mpp / MAP_UM
-        self.cv2 = cv2
 
     def _warp(self, img: np.ndarray, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         cv2, s = self.cv2, self.s
@@ -91,30 +95,34 @@ class SlideRenderer:
         return np.broadcast_to(255 * np.exp(-self.stain.glass), (h, w, 3)).astype(np.uint8)
 
     def render(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
-        """RGB uint8 ``(h, w, 3)`` of the level-0 rectangle at (x0, y0)."""
-        cv2, st = self.cv2, self.stain
+        """RGB uint8 ``(h, w, 3)`` of the level-0 rectangle at (x0, y0); larger rectangles are rendered in pieces."""
+        if w > PIECE or h > PIECE:
+            out = np.empty((h, w, 3), np.uint8)
+            for y in range(0, h, PIECE):
+                for x in range(0, w, PIECE):
+                    out[y : y + PIECE, x : x + PIECE] = self.render(
+                        x0 + x, y0 + y, min(PIECE, w - x), min(PIECE, h - y)
+                    )
+            return out
         if self.empty(x0, y0, w, h):
             return self.glass(h, w)
+        cv2, st = self.cv2, self.stain
         blur = self._warp(self.blur, x0, y0, w, h)
-        m = 8 if blur.max() > 12 else 0  # blurred chunks are rendered with a margin, then cropped
+        m = 8 if blur.max() > 12 else 0  # blurred pieces are rendered with a margin, then cropped
         x0, y0, w, h = x0 - m, y0 - m, w + 2 * m, h + 2 * m
-        g1 = self._warp(self.g1, x0, y0, w, h)
-        g2 = self._warp(self.g2, x0, y0, w, h)
-        g3 = self._warp(self.g3, x0, y0, w, h).astype(np.float32) / 255
-        disp = self._warp(self.disp, x0, y0, w, h)
-        t = self.size
-        mx = disp[..., 0] + (np.arange(w, dtype=np.float32) + np.float32(x0 % t))[None, :]
-        my = disp[..., 1] + (np.arange(h, dtype=np.float32) + np.float32(y0 % t))[:, None]
+        g1 = cv2.split(self._warp(self.g1, x0, y0, w, h))
+        g2 = cv2.split(self._warp(self.g2, x0, y0, w, h))
+        g3 = cv2.split(self._warp(self.g3, x0, y0, w, h))
 
-        def look(name):  # nearest: the displacement stretches by a few % at most, and it is 5x faster than linear
-            return cv2.remap(self.textures[name], mx, my, cv2.INTER_NEAREST, borderMode=cv2.BORDER_WRAP)
+        def look(name):
+            py, px = (y0 + self.phase[name][1]) % self.size, (x0 + self.phase[name][0]) % self.size
+            return self.textures[name][py : py + h, px : px + w]
 
-        bg = look("bg").astype(np.float32) / 255
-        fib, grain = bg[..., 0], bg[..., 1] - 0.5
-        hh = g2[..., 3].astype(np.float32) * (H_MAX / 255) * (0.6 + 0.8 * fib)
-        ee = g2[..., 2].astype(np.float32) * (E_MAX / 255) * (0.5 + 1.0 * fib)
-        dens = {"lym": g1[..., 0], "gc": g1[..., 1], "hist": g1[..., 2], "tum": g1[..., 3]}
-        dens.update(spindle=g2[..., 0], fat=g2[..., 1])
+        bg = look("bg")
+        fib = bg[..., 0].astype(np.float32) * np.float32(1 / 255)
+        hh = g2[3].astype(np.float32) * (H_MAX / 255) * (0.6 + 0.8 * fib)
+        ee = g2[2].astype(np.float32) * (E_MAX / 255) * (0.5 + 1.0 * fib)
+        dens = {"lym": g1[0], "gc": g1[1], "hist": g1[2], "tum": g1[3], "spindle": g2[0], "fat": g2[1]}
         for name in POPULATIONS:
             d = dens[name]
             if d.max() < 6:
@@ -123,20 +131,22 @@ class SlideRenderer:
             a = np.where(tx[..., 2] < d, tx[..., 3], 0).astype(np.float32) * np.float32(1 / 255)
             hh += a * (tx[..., 0].astype(np.float32) * np.float32(1 / H_SCALE) - hh)
             ee += a * (tx[..., 1].astype(np.float32) * np.float32(1 / E_SCALE) - ee)
-        k = g3[..., 0] * g3[..., 1] * np.float32(THICK_MAX)
+        k = cv2.multiply(g3[0], g3[1], dtype=cv2.CV_32F, scale=THICK_MAX / 255 / 255)  # tissue × thickness
         # OD = H·h + E·e (+ glass) in one cv2 pass: a 3x3 matrix whose last column is the offset
         mat = np.concatenate([np.stack([st.h * st.h_gain, st.e * st.e_gain], 1), st.glass[:, None]], 1)
-        od = cv2.transform(np.dstack([hh * k, ee * k]), mat.astype(np.float32))
-        if g3[..., 2].max() > 0 or g3[..., 3].max() > 0:  # pen ink, bubble rims
-            od += (g3[..., 2] * 2)[..., None] * st.ink + (g3[..., 3] * 0.8)[..., None]
+        od = cv2.transform(cv2.merge([hh * k, ee * k]), mat.astype(np.float32))
+        if g3[2].max() > 0 or g3[3].max() > 0:  # pen ink, bubble rims
+            od += (g3[2].astype(np.float32) * (2 / 255))[..., None] * st.ink
+            od += (g3[3].astype(np.float32) * (0.8 / 255))[..., None]
         rgb = cv2.exp(-od)
-        rgb = cv2.scaleAdd(rgb, 255.0, cv2.merge([grain * 10] * 3))
+        grain = bg[..., 1].astype(np.float32) * np.float32(10 / 255) - 5
+        rgb = cv2.scaleAdd(rgb, 255.0, cv2.merge([grain] * 3))
         if m:
             b = blur.astype(np.float32)[..., None] / 255
             soft = cv2.GaussianBlur(rgb, (0, 0), 0.7 / self.mpp)
             rgb = rgb[m:-m, m:-m]
             rgb += b * (soft[m:-m, m:-m] - rgb)
-        return np.clip(rgb, 0, 255).astype(np.uint8)
+        return cv2.convertScaleAbs(rgb)
 
 
 def write_streamed_pyramid(
