@@ -23,7 +23,7 @@ import numpy as np
 
 
 def slide_patches(row, mag: float, patch_size: int, rng, max_neg: int) -> tuple[np.ndarray, np.ndarray]:
-    """Labelled patches of one slide at ``mag``: every tumour patch and up to ``max_neg`` random negatives."""
+    """Labelled patches of one slide at ``mag``: up to ``max_neg`` random tumour and as many normal patches."""
     from PIL import Image
 
     from wsimil.features.patches import patch_labels_from_mask, read_block
@@ -35,7 +35,7 @@ def slide_patches(row, mag: float, patch_size: int, rng, max_neg: int) -> tuple[
     grid = tile_in_memory(spec, TileSettings(mags=[mag], patch_size=patch_size))
     lab = patch_labels_from_mask(grid, np.asarray(Image.open(row.tumor_mask)), float(row.mask_downsample))
     pos, neg = np.flatnonzero(lab == 1), np.flatnonzero(lab == 0)
-    keep = np.concatenate([pos, rng.permutation(neg)[:max_neg]]).astype(int)
+    keep = np.concatenate([rng.permutation(pos)[:max_neg], rng.permutation(neg)[:max_neg]]).astype(int)
     with open_slide(spec.path, "auto", slide_id=spec.slide_id) as slide:
         x = np.stack([read_block(slide, grid, np.array([k]))[0] for k in keep]) if len(keep) else None
     return x, lab[keep]
@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--patch-size", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--max-patches", type=int, default=300, help="negative patches kept per slide and mag")
+    ap.add_argument("--max-patches", type=int, default=300, help="tumour and normal patches kept per slide and mag")
     a = ap.parse_args()
 
     import pandas as pd

@@ -144,11 +144,15 @@ def _random_ranks(rng, n: int) -> np.ndarray:
     return np.sort(rng.integers(0, 255, n))[::-1]
 
 
-def _nuclei(cv, rng, pts, k, r, ecc, irr, h_rim, h_core, specks=0, h_speck=None, nucleolus=None, theta=None):
+def _nuclei(
+    cv, rng, pts, k, r, ecc, irr, h_rim, h_core, specks=0, h_speck=None, nucleolus=None, theta=None, ranks=None
+):
     """Nuclei at ``pts`` (µm radii ``r`` etc. as arrays): a rim polygon, a paler core when ``h_core < h_rim``
     (vesicular chromatin), chromatin specks and optional nucleoli (``nucleolus``: µm radii, 0 = none)."""
     x, y = pts[:, 0], pts[:, 1]
     outer = _polys(rng, x, y, r * k, ecc, irr, theta)
+    if ranks is not None:  # a nucleus carries its own cell's rank, so a neighbour's absence never cuts it
+        cv.cells(outer, ranks)
     cv.fill(H, outer, h_rim, H_SCALE)
     cv.fill(E, outer, 0.3, E_SCALE)  # nuclei take some eosin too: purple rather than navy
     if h_core < h_rim:
@@ -177,8 +181,9 @@ def lymphocytes(rng, size: int, k: float) -> np.ndarray:
     foot = _polys(rng, pts[:, 0], pts[:, 1], (r + 0.8) * k, 0.95, 0.05, n=10)
     cv.fill(E, foot, 0.35, E_SCALE)
     cv.fill(H, foot, 0.15, H_SCALE)
-    cv.cells(foot, _random_ranks(rng, n))
-    _nuclei(cv, rng, pts, k, r, rng.uniform(0.85, 1.0, n), 0.05, 2.3, 2.3, specks=2, h_speck=2.9)
+    ranks = _random_ranks(rng, n)
+    cv.cells(foot, ranks)
+    _nuclei(cv, rng, pts, k, r, rng.uniform(0.85, 1.0, n), 0.05, 2.3, 2.3, specks=2, h_speck=2.9, ranks=ranks)
     return cv.image(rng, k)
 
 
@@ -196,10 +201,12 @@ def germinal_centre(rng, size: int, k: float) -> np.ndarray:
         cv.fill(H, foot, 0.12, H_SCALE)
         cv.cells(foot, ranks[sel])
     m = cb.sum()
-    _nuclei(cv, rng, pts[cb], k, rng.uniform(4.0, 5.0, m), rng.uniform(0.75, 0.95, m), 0.07, 1.55, 0.75,
+    r = rng.uniform(4.0, 5.0, m)
+    _nuclei(cv, rng, pts[cb], k, r, rng.uniform(0.75, 0.95, m), 0.07, 1.55, 0.75, ranks=ranks[cb],
             specks=3, nucleolus=rng.uniform(0.5, 0.7, m))  # fmt: skip
     m = cc.sum()
-    _nuclei(cv, rng, pts[cc], k, rng.uniform(3.0, 3.8, m), rng.uniform(0.6, 0.85, m), 0.16, 1.8, 1.5, specks=2)
+    _nuclei(cv, rng, pts[cc], k, rng.uniform(3.0, 3.8, m), rng.uniform(0.6, 0.85, m), 0.16, 1.8, 1.5, specks=2,
+            ranks=ranks[cc])  # fmt: skip
     m = tbm.sum() * 4  # apoptotic debris in the macrophages
     d = np.repeat(pts[tbm], 4, 0) + rng.normal(0, 3 * k, (m, 2))
     cv.fill(H, _polys(rng, d[:, 0], d[:, 1], rng.uniform(0.8, 1.6, m) * k, 1.0, 0.1, n=8), 2.6, H_SCALE)
@@ -220,7 +227,7 @@ def histiocytes(rng, size: int, k: float) -> np.ndarray:
     v = np.repeat(pts, 4, 0) + rng.normal(0, 4 * k, (m, 2))
     cv.fill(E, _polys(rng, v[:, 0], v[:, 1], rng.uniform(0.8, 1.5, m) * k, 1.0, 0.1, n=6), 0.28, E_SCALE)
     off = pts + rng.normal(0, 2 * k, (n, 2))
-    _nuclei(cv, rng, off, k, rng.uniform(3.6, 4.6, n), rng.uniform(0.5, 0.7, n), 0.1, 1.15, 0.85, specks=2,
+    _nuclei(cv, rng, off, k, rng.uniform(3.6, 4.6, n), rng.uniform(0.5, 0.7, n), 0.1, 1.15, 0.85, specks=2, ranks=ranks,
             nucleolus=rng.uniform(0.4, 0.5, n))  # fmt: skip
     return cv.image(rng, k)
 
@@ -235,7 +242,7 @@ def tumour(rng, size: int, k: float, grade: int = 1) -> np.ndarray:
     pts, ranks = _field_ranks(rng, _centres(rng, size, (16.5 if hi else 15.5) * k, 0.22), size, 30 * k, 0.35)
     n = len(pts)
     foot = _polys(rng, pts[:, 0], pts[:, 1], (10.0 if hi else 9.2) * k, rng.uniform(0.8, 1.0, n), 0.12, n=7)
-    cv.fill(E, foot, 0.88, E_SCALE)  # cell borders, a little darker than the cytoplasm
+    cv.fill(E, foot, 0.84, E_SCALE)  # cell borders, a little darker than the cytoplasm
     cv.fill(H, foot, 0.3, H_SCALE)
     cv.fill(E, _scaled(foot, 0.9), 0.78, E_SCALE)
     cv.fill(H, _scaled(foot, 0.9), 0.22, H_SCALE)
@@ -245,7 +252,7 @@ def tumour(rng, size: int, k: float, grade: int = 1) -> np.ndarray:
     nl = rng.uniform(1.0, 1.5, n) if hi else rng.uniform(0.7, 1.1, n)
     _nuclei(cv, rng, pts[~mit] + rng.normal(0, 1.5 * k, ((~mit).sum(), 2)), k, r[~mit],
             rng.uniform(0.6, 0.95, (~mit).sum()), 0.16 if hi else 0.11, 1.8, 0.95, specks=7, h_speck=2.1,
-            nucleolus=nl[~mit])  # fmt: skip
+            nucleolus=nl[~mit], ranks=ranks[~mit])  # fmt: skip
     m = mit.sum() * 6  # mitoses: dark irregular chromosome clumps
     d = np.repeat(pts[mit], 6, 0) + rng.normal(0, 1.5 * k, (m, 2))
     cv.fill(H, _polys(rng, d[:, 0], d[:, 1], rng.uniform(0.8, 1.4, m) * k, 1.0, 0.2, n=6), 2.8, H_SCALE)
