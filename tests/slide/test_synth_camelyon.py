@@ -135,3 +135,23 @@ def test_low_power_statistics_and_auc():
     assert auc(np.array([1, 2, 3, 4]), np.array([0, 0, 1, 1])) == 1.0
     assert auc(np.array([1, 1]), np.array([0, 1])) == 0.5
     assert PARACORTEX > 0
+
+
+def test_plan_shares_and_composition():
+    from wsimil.slide.synth_camelyon import DEFAULT_SHARES, composition, plan_slides
+
+    plan = plan_slides("classification", 20, 0, 0.5, 0.03, DEFAULT_SHARES)
+    asked = [p["spec"].size_class for p in plan if p["label"] == 1]
+    assert sorted(asked) == ["itc"] * 2 + ["macro"] * 4 + ["micro"] * 4
+    assert all(p["spec"].size_class is None for p in plan if p["label"] == 0)
+    plan = plan_slides("classification", 4, 0, 1.0, 0.03, {"itc": 1.0})
+    assert {p["spec"].size_class for p in plan} == {"itc"}
+    with pytest.raises(ValueError, match="size-class shares"):
+        plan_slides("classification", 4, 0, 0.5, 0.03, {"huge": 1.0})
+    m = pd.DataFrame(
+        {"size_class": ["macro", "negative", "macro"], "largest_focus_mm": [3.0, 0.0, 5.0],
+         "tumor_fraction": [0.1, 0.0, 0.3], "artefacts": ["fold", None, ""]}
+    )  # fmt: skip
+    c = composition(m).set_index("size_class")
+    assert c.loc["macro", "slides"] == 2 and c.loc["macro", "median_focus_mm"] == 4.0
+    assert c.loc["macro", "with_artefacts"] == 1 and c.loc["negative", "slides"] == 1
