@@ -103,7 +103,8 @@ def _nodes(rng, shape) -> list[np.ndarray]:
         d = _ellipse(shape, cy, cx, ry, rx, ang)
         f = 1 - d + 0.12 * smooth_noise(rng, shape, max(4, min(rx, ry) * 0.7))
         ha = rng.uniform(0, 2 * np.pi)  # hilar notch
-        hy, hx = cy + 1.0 * ry * np.sin(ha), cx + 1.0 * rx * np.cos(ha)
+        ex, ey = 1.05 * rx * np.cos(ha), 1.05 * ry * np.sin(ha)  # on the (rotated) outline
+        hx, hy = cx + ex * np.cos(ang) - ey * np.sin(ang), cy + ex * np.sin(ang) + ey * np.cos(ang)
         notch = _ellipse(shape, hy, hx, 0.25 * ry, 0.25 * rx, ha)
         out.append((f > 0) & (notch > 1))
     return out
@@ -294,7 +295,7 @@ def make_layout(seed: int, shape: tuple[int, int], spec: SlideSpec) -> Layout:
     ring = np.zeros(shape, np.float32)
     blur = np.zeros(shape, np.float32)
     arts = []
-    for _ in range(int(rng.integers(0, 4))):  # mildly out-of-focus patches
+    for _ in range(int(rng.choice([0, 0, 1, 2]))):  # mildly out-of-focus patches
         d = _ellipse(shape, rng.uniform(0, mh), rng.uniform(0, mw), *rng.uniform(400, 1500, 2) / um, 0)
         blur = np.maximum(blur, np.clip(1.5 - d, 0, 1) * rng.uniform(0.5, 1.0))
     if rng.uniform() < 0.15:  # a fold: tissue lying double along a curved band
