@@ -25,7 +25,7 @@ from wsimil.slide.synth_layout import MAP_UM, SIZE_CLASSES, SlideSpec, largest_f
 SLIDE_MM = (12.0, 9.5)
 #: default shares of the metastasis size classes among positive slides (a choice, not an epidemiological figure)
 DEFAULT_SHARES = {"macro": 0.4, "micro": 0.4, "itc": 0.2}
-TEXTURE_UM = 512.0  # period of the cell textures before displacement
+TEXTURE_UM = 512.0  # period of the cell textures
 
 
 def default_size(mpp: float) -> tuple[int, int]:

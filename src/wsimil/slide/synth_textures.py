@@ -335,7 +335,7 @@ BUILDERS: dict[str, Callable[..., np.ndarray]] = {
 @lru_cache(maxsize=2)
 def build_textures(seed: int, mpp: float, size: int = 1024, grade: int = 1) -> dict[str, np.ndarray]:
     """All population textures and ``bg`` (``size`` px square at ``mpp`` µm/px). Cached: slides of a cohort share
-    a few texture sets (a slide's own displacement field and stain make its pixels its own)."""
+    a few texture sets (a slide's own phases, layout and stain make its pixels its own)."""
     k = 1.0 / mpp
     out = {}
     for i, name in enumerate(("bg", *POPULATIONS)):
