@@ -221,27 +221,27 @@ def synth(
     out: Annotated[Path, typer.Option(help="Cohort folder: slides/, masks/, manifest.csv.")],
     slides: Annotated[int, typer.Option(help="Number of slides (half positive).")] = 40,
     seed: Annotated[int, typer.Option()] = 0,
-    width: Annotated[int, typer.Option(help="Level-0 width in pixels.")] = 12288,
-    height: Annotated[int, typer.Option(help="Level-0 height in pixels.")] = 8192,
+    width: Annotated[int | None, typer.Option(help="Level-0 width in pixels [default: the preset's].")] = None,
+    height: Annotated[int | None, typer.Option(help="Level-0 height in pixels [default: the preset's].")] = None,
     mpp: Annotated[float, typer.Option(help="Level-0 µm/px (0.25 = 40x scan, 0.5 = 20x scan).")] = 0.25,
     tumor_fraction: Annotated[float, typer.Option(help="Tumour share of tissue in positive slides.")] = 0.03,
     task: Annotated[
-        str,
-        typer.Option(
-            help="classification (label 0/1, half positive), hierarchical (fine_label/coarse_label: 2 coarse x 2 "
-            "fine classes) or survival (time,event; hazard rises with tumour burden)."
-        ),
+        str, typer.Option(help="classification, hierarchical (2x2 classes) or survival.")
     ] = "classification",
+    preset: Annotated[str, typer.Option(help="toy, or camelyon (lymph-node sections; see README).")] = "toy",
+    workers: Annotated[int, typer.Option(help="Slides synthesised in parallel (camelyon preset).")] = 1,
 ) -> None:
     """Write a synthetic cohort of pyramidal slides with tumour masks (for demos, tests and benchmarks)."""
     from wsimil.progress import console
     from wsimil.slide.synth import check_cohort_options, make_cohort
+    from wsimil.slide.synth_camelyon import composition_text
 
-    check_cohort_options(slides, width, height, mpp, tumor_fraction, task)
-    make_cohort(
-        out, slides, seed, width, height, mpp, app_mag=int(round(10 / mpp)), tumor_fraction=tumor_fraction, task=task
-    )
-    console.print(f"Wrote {slides} slides ({task}) to {out / 'slides'} and {out / 'manifest.csv'}")
+    check_cohort_options(slides, width, height, mpp, tumor_fraction, task, preset)
+    make_cohort(out, slides, seed, width, height, mpp, app_mag=int(round(10 / mpp)), tumor_fraction=tumor_fraction,
+                task=task, preset=preset, workers=workers)  # fmt: skip
+    console.print(f"Wrote {slides} slides ({preset}, {task}) to {out / 'slides'} and {out / 'manifest.csv'}")
+    if preset == "camelyon":
+        console.print(composition_text(out / "manifest.csv"))
 
 
 @app.command()

@@ -28,6 +28,8 @@ MASK_DOWNSAMPLE = 16
 #: lesion kinds of :func:`render_slide` → extra nuclear density inside the foci (fraction of the stroma's)
 LESIONS = {"tumor": 0.25, "high_grade": 0.25, "hyperplasia": 1.0}
 TASKS = ("classification", "hierarchical", "survival")
+#: ``toy``: the generator of this module; ``camelyon``: lymph-node sections (:mod:`wsimil.slide.synth_camelyon`)
+PRESETS = ("toy", "camelyon")
 #: hierarchical cohort: fine class → (coarse class, lesion or None for no lesion)
 HIERARCHY = {
     "normal": ("benign", None),
@@ -285,16 +287,27 @@ def _slide_plan(task: str, n_slides: int, seed: int, pos_fraction: float, tumor_
     ]
 
 
-def check_cohort_options(n_slides: int, width: int, height: int, mpp: float, tumor_fraction: float, task: str) -> None:
-    """Refuse ``wsimil synth`` options no cohort can be drawn with, in one line, before anything is written."""
+def check_cohort_options(
+    n_slides: int,
+    width: int | None,
+    height: int | None,
+    mpp: float,
+    tumor_fraction: float,
+    task: str,
+    preset: str = "toy",
+) -> None:
+    """Refuse ``wsimil synth`` options no cohort can be drawn with, in one line, before anything is written
+    (``width``/``height`` None: the preset's size)."""
     from wsimil.errors import WsimilError
 
+    if preset not in PRESETS:
+        raise WsimilError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     if task not in TASKS:
         raise WsimilError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     least = 4 if task == "hierarchical" else 2
     if n_slides < least:
         raise WsimilError(f"--slides must be at least {least} for a {task} cohort (every class needs a slide)")
-    if min(width, height) < 512:
+    if min(width or 512, height or 512) < 512:
         raise WsimilError(f"--width and --height must be at least 512 pixels, got {width}x{height}")
     if not 0.1 <= mpp <= 2.0:
         raise WsimilError(f"--mpp must be in 0.1–2.0 µm/px (0.25 is a 40x scan, 0.5 a 20x scan), got {mpp:g}")
@@ -306,15 +319,21 @@ def make_cohort(
     out: str | Path,
     n_slides: int = 40,
     seed: int = 0,
-    width: int = 12288,
-    height: int = 8192,
+    width: int | None = None,
+    height: int | None = None,
     mpp: float = 0.25,
     app_mag: int = 40,
     tumor_fraction: float = 0.03,
     pos_fraction: float = 0.5,
     task: str = "classification",
+    preset: str = "toy",
+    workers: int = 1,
+    size_shares: dict[str, float] | None = None,
 ) -> list[SynthSlide]:
-    """Write a synthetic cohort and its manifest; returns the slides. ``task``:
+    """Write a synthetic cohort and its manifest; returns the slides. ``preset``: ``toy`` (this module; 12288 ×
+    8192 px by default) or ``camelyon`` (lymph-node sections, :mod:`wsimil.slide.synth_camelyon`; 12 × 9.5 mm by
+    default, ``workers`` slides at a time, ``size_shares`` of the metastasis size classes among positive slides,
+    extra manifest columns). ``task``:
 
     - ``classification`` (default): ``pos_fraction`` of the slides hold tumour foci; ``label`` 1/0.
     - ``hierarchical``: four fine classes in two coarse ones (:data:`HIERARCHY`), balanced: ``normal`` (no lesion)
@@ -333,7 +352,13 @@ def make_cohort(
 
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; choose from {', '.join(TASKS)}")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown synthetic preset {preset!r}; choose from {', '.join(PRESETS)}")
     out = Path(out)
+    if preset == "camelyon":
+        return _camelyon_cohort(out, n_slides, seed, width, height, mpp, app_mag, tumor_fraction, pos_fraction, task,
+                                workers, size_shares)  # fmt: skip
+    width, height = width or 12288, height or 8192
     slides, rows = [], []
     plan = _slide_plan(task, n_slides, seed, pos_fraction, tumor_fraction)
     for i in track(range(n_slides), "Synthesising slides"):
@@ -356,12 +381,7 @@ def make_cohort(
         slides.append(SynthSlide(sid, p["label"], path, mask_path, burden))
         rows.append({"case_id": sid, "slide_id": sid, "label": p["label"], **p["columns"]})
     if task == "survival":
-        from wsimil.data.synthetic import survival_times
-
-        burden = np.array([s.tumor_fraction for s in slides])
-        time, event = survival_times(burden / tumor_fraction, np.random.default_rng([seed, 3]), log_hazard_ratio=0.7)
-        for r, t, e, b in zip(rows, time, event, burden, strict=True):
-            r.update(time=float(t), event=int(e), burden=round(float(b), 6))
+        _add_survival(rows, slides, seed, tumor_fraction)
     for r, s in zip(rows, slides, strict=True):
         r.update(path=str(s.path.resolve()), tumor_mask=str(s.mask_path.resolve()), mask_downsample=MASK_DOWNSAMPLE)
     write_csv(out / "manifest.csv", pd.DataFrame(rows))
@@ -376,4 +396,39 @@ def make_cohort(
         "mask_downsample": MASK_DOWNSAMPLE,
     }
     write_json(out / "cohort.json", info if task == "classification" else {**info, "task": task})
+    return slides
+
+
+def _add_survival(rows: list[dict], slides: list[SynthSlide], seed: int, tumor_fraction: float) -> None:
+    from wsimil.data.synthetic import survival_times
+
+    burden = np.array([s.tumor_fraction for s in slides])
+    time, event = survival_times(burden / tumor_fraction, np.random.default_rng([seed, 3]), log_hazard_ratio=0.7)
+    for r, t, e, b in zip(rows, time, event, burden, strict=True):
+        r.update(time=float(t), event=int(e), burden=round(float(b), 6))
+
+
+def _camelyon_cohort(
+    out, n_slides, seed, width, height, mpp, app_mag, tumor_fraction, pos_fraction, task, workers, shares
+) -> list[SynthSlide]:
+    from wsimil.slide import synth_camelyon as cam
+
+    dw, dh = cam.default_size(mpp)
+    width, height = width or dw, height or dh
+    plan = cam.plan_slides(task, n_slides, seed, pos_fraction, tumor_fraction, shares or cam.DEFAULT_SHARES)
+    measured = cam.make_camelyon_slides(out, plan, seed, width, height, mpp, app_mag, workers)
+    slides, rows = [], []
+    for i, (p, m) in enumerate(zip(plan, measured, strict=True)):
+        sid = f"synth_{i:04d}"
+        slides.append(SynthSlide(sid, p["label"], Path(m["path"]), Path(m["tumor_mask"]), m["tumor_fraction"]))
+        rows.append({"case_id": sid, "slide_id": sid, "label": p["label"], **p["columns"]})
+    if task == "survival":
+        _add_survival(rows, slides, seed, tumor_fraction)
+    for r, m in zip(rows, measured, strict=True):
+        r.update(m)
+    write_csv(out / "manifest.csv", pd.DataFrame(rows))
+    info = {"preset": "camelyon", "n_slides": n_slides, "seed": seed, "width": width, "height": height, "mpp": mpp,
+            "app_mag": app_mag, "task": task, "tumor_fraction": tumor_fraction, "pos_fraction": pos_fraction,
+            "size_shares": shares or cam.DEFAULT_SHARES, "map_um": cam.MAP_UM}  # fmt: skip
+    write_json(out / "cohort.json", info)
     return slides
