@@ -266,7 +266,7 @@ def test_warnings_print_as_one_line():
     ("option", "message"),
     [
         (["--slides", "0"], "--slides must be at least 2"),
-        (["--width", "10"], "--width and --height must be at least 512 pixels"),
+        (["--width", "10"], "--width and --height must be at least 256 pixels"),
         (["--mpp", "0"], "--mpp must be in 0.1–2.0 µm/px"),
         (["--tumor-fraction", "2"], "--tumor-fraction is a share of the tissue in [0, 0.3]"),
         (["--task", "segmentation"], "--task must be one of classification, hierarchical, survival"),

@@ -307,8 +307,8 @@ def check_cohort_options(
     least = 4 if task == "hierarchical" else 2
     if n_slides < least:
         raise WsimilError(f"--slides must be at least {least} for a {task} cohort (every class needs a slide)")
-    if min(width or 512, height or 512) < 512:
-        raise WsimilError(f"--width and --height must be at least 512 pixels, got {width}x{height}")
+    if min(width or 256, height or 256) < 256:
+        raise WsimilError(f"--width and --height must be at least 256 pixels, got {width}x{height}")
     if not 0.1 <= mpp <= 2.0:
         raise WsimilError(f"--mpp must be in 0.1–2.0 µm/px (0.25 is a 40x scan, 0.5 a 20x scan), got {mpp:g}")
     if not 0 <= tumor_fraction <= 0.3:
