@@ -111,14 +111,18 @@ def test_auto_picks_by_the_work(eight_idle_cpus):
     assert th.plan_threads("auto", "image", workers=2).threads == 4
 
 
-def test_auto_leaves_busy_cpus_alone(eight_idle_cpus, monkeypatch):
+def test_auto_leaves_busy_cpus_alone_for_mil_steps_not_encoding(eight_idle_cpus, monkeypatch):
+    big = 100 * th.MIL_ELEMENTS_PER_THREAD
     monkeypatch.setattr(th, "free_cpus", lambda cpus, window=0: 2.85)
-    assert th.plan_threads("auto", "encode").threads == 3
+    assert th.plan_threads("auto", "mil", elements=big).threads == 3
     monkeypatch.setattr(th, "free_cpus", lambda cpus, window=0: 2.6)  # a CPU 40% busy is not free
-    assert th.plan_threads("auto", "encode").threads == 2
+    assert th.plan_threads("auto", "mil", elements=big).threads == 2
     monkeypatch.setattr(th, "free_cpus", lambda cpus, window=0: 0.2)
-    p = th.plan_threads("auto", "encode")
+    p = th.plan_threads("auto", "mil", elements=big)
     assert p.threads == 1 and "0.2 idle" in p.reason
+    # encoding keeps every CPU: its threads rarely wait on each other, so they win CPU time on a busy machine
+    enc = th.plan_threads("auto", "encode", workers=1)
+    assert enc.threads == 7 and enc.free_cpus is None and "all 8 CPU(s) less 1" in enc.reason
 
 
 def test_free_cpus_reads_proc_stat():

@@ -13,8 +13,9 @@ a patch encoder's convolutions scale with the cores that are actually free.
    ``cpu.cfs_quota_us``), less those other processes keep busy (idle time of those CPUs over 0.2 s; on systems
    without ``/proc/stat``, the 1-minute load average);
 3. the work picks from the budget: MIL steps get one thread per :data:`MIL_ELEMENTS_PER_THREAD` feature values
-   (at least 1); patch encoding uses the budget less its DataLoader workers; image work (tissue detection, tiling,
-   heatmaps) shares the budget among its worker processes.
+   (at least 1); patch encoding uses every CPU this process may use less its DataLoader workers (busy or not: its
+   convolutions synchronise rarely, so on a contended machine more threads win more CPU time); image work (tissue
+   detection, tiling, heatmaps) shares the budget among its worker processes.
 
 An explicit ``N`` is honoured as given. The resolved plan is printed once and saved in the run's config. Thread
 counts can change floating-point summation order, so bitwise-identical re-runs need a fixed ``N``.
@@ -227,7 +228,7 @@ def plan_threads(
     elif env.isdigit() and int(env) > 0:
         n, reason = int(env), f"OMP_NUM_THREADS={env}"
     else:
-        if cpus > 1:
+        if cpus > 1 and work != "encode":
             free = free_cpus(cpu_set(), window)
         # a CPU counts as free when idle >= 80% of the time: a thread sharing a core stalls its team at every step
         budget = cpus if free is None else max(1, min(cpus, int(free + 0.2)))
@@ -237,9 +238,12 @@ def plan_threads(
             size = "unknown size" if not elements else f"{elements / 1e6:.1f}M values"
             reason = f"auto: MIL steps of {size}, 1 thread per {MIL_ELEMENTS_PER_THREAD / 1e6:g}M; {why}"
         elif work == "encode":
-            n = max(1, budget - workers)
+            # convolutions keep every thread busy between rare synchronisations, so beside other jobs more threads
+            # win a larger share of the CPUs instead of stalling (benchmarks/threads.py, 2 cores, two busy
+            # processes: resnet18 3.06 s per batch at 2 threads, 3.85 s at 1); busy CPUs are not left out here
+            n = max(1, cpus - workers)
             less = f" less {workers} DataLoader worker(s)" if workers else ""
-            reason = f"auto: patch encoding, {budget} free CPU(s){less}; {why}"
+            reason = f"auto: patch encoding, all {cpus} CPU(s){less}"
         else:
             n = max(1, budget // max(1, workers))
             reason = f"auto: image work shared by {max(1, workers)} process(es); {why}"
