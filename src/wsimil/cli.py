@@ -25,7 +25,9 @@ app.add_typer(convert_app, name="convert")
 EXPECT_HELP = "Refuse the bundle unless its SHA-256 (`wsimil digest BUNDLE`) is this value, or the one in this file."
 READER_HELP = "auto (tiffslide for SVS/TIFF: same pixels, ~4x faster; OpenSlide otherwise), openslide or tiffslide."
 ClaimTimeout = Annotated[float, typer.Option(help="Seconds without heartbeat after which a slide claim is taken over.")]
-Threads = Annotated[str | None, typer.Option(metavar="N|auto", help="CPU threads (default auto: chosen by the work and the CPUs free to it).")]
+Threads = Annotated[
+    str | None, typer.Option(metavar="N|auto", help="CPU threads (default auto: chosen by the work and the free CPUs).")
+]
 
 
 def _default(field: str) -> str:
