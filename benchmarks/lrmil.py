@@ -125,7 +125,7 @@ def ceiling_run(cfg, job: Path, manifest: Path, out: Path, encoder: str) -> dict
     summary."""
     import sys
 
-    from wsimil.features.encoders import create_encoder
+    from wsimil.features.encoders import create_encoder, sha256_file
     from wsimil.lrmil.features import EncodeSettings, extract, final_fn
     from wsimil.lrmil.job import LRMILJob
     from wsimil.lrmil.pipeline import key_of, train_config
@@ -139,7 +139,7 @@ def ceiling_run(cfg, job: Path, manifest: Path, out: Path, encoder: str) -> dict
     j = LRMILJob(job, cfg.hr_mag, cfg.lr_mag, cfg.patch_size)
     ids = list(pd.read_csv(manifest, dtype={"slide_id": str}).slide_id)
     st = EncodeSettings("cpu", cfg.batch_size, cfg.workers, cfg.precision, "auto")
-    key = key_of("ceiling", info["weights"], info.get("seconds"), cfg.lr_mag)
+    key = key_of("ceiling", sha256_file(info["weights"]), cfg.lr_mag, cfg.patch_size)
     feats = extract(j, ids, cfg.lr_mag, final_fn(enc), enc, out / "ceiling_features", key, st,
                     f"ceiling: {cfg.lr_mag:g}x features of the patch-supervised encoder")  # fmt: skip
     classes = sorted(map(str, pd.read_csv(manifest).label.unique()))

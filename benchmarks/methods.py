@@ -193,7 +193,7 @@ def run_slide_suite(args) -> dict:
 
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
-    datasets = args.datasets.split(",") if args.datasets != "digits,musk1,elephant" else ["slide", "slide_hier"]
+    datasets = (args.datasets or "slide,slide_hier").split(",")
     report: dict = {"benchmark": "methods", "suite": "slide", "seeds": seeds, "folds": args.folds,
                     "epochs": args.epochs, "bags": args.bags, "dim": args.dim, "datasets": {}}  # fmt: skip
     for ds in datasets:
@@ -251,7 +251,7 @@ def _baseline(run: str, ds: str) -> str | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--datasets", default="digits,musk1,elephant")
+    ap.add_argument("--datasets", default=None, help="classic: digits,musk1,elephant; slide: slide,slide_hier")
     ap.add_argument("--runs", default="abmil,mhim_v1,mhim_v2,weno")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=40)
@@ -279,7 +279,7 @@ def main() -> None:
 
     out = Path(args.out)
     table = []
-    for ds in args.datasets.split(","):
+    for ds in (args.datasets or "digits,musk1,elephant").split(","):
         feats, manifest, over = _dataset(ds, args, out / "data")
         runs = ["abmil", "hmil"] if ds == "hier" else args.runs.split(",")
         for run in runs:

@@ -20,18 +20,10 @@ from wsimil.errors import WsimilError
 from wsimil.features.store import write_bag
 
 
-@pytest.fixture(scope="module")
-def digit_run(tmp_path_factory):
-    """A 2-fold ABMIL run on 24 digit bags (features without slide provenance)."""
-    from wsimil.config import load_config
-    from wsimil.data.synthetic import make_digit_bags, write_bags
-    from wsimil.methods.trainer import run_training
-
-    d = tmp_path_factory.mktemp("digits")
-    manifest = write_bags(make_digit_bags(24, seed=5), d / "cohort")
-    cfg = load_config(model="abmil", folds=2, epochs=2, bootstrap=0, model_kwargs={"hidden_dims": [32]})
-    run_training(cfg, d / "cohort" / "features", manifest, d / "run")
-    return d / "run", d / "cohort" / "features"
+@pytest.fixture
+def digit_run(digit_abmil_run):
+    """A 2-fold ABMIL run on 24 digit bags: ``(run folder, features)`` (conftest's ``digit_abmil_run``)."""
+    return digit_abmil_run[:2]
 
 
 def test_training_writes_a_loadable_bundle(digit_run):

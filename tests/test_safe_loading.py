@@ -34,18 +34,10 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A 2-fold ABMIL run on digit bags and its bundle."""
-    from wsimil.config import load_config
-    from wsimil.data.synthetic import make_digit_bags, write_bags
-    from wsimil.methods.trainer import run_training
-
-    d = tmp_path_factory.mktemp("safe")
-    manifest = write_bags(make_digit_bags(24, seed=5), d / "cohort")
-    cfg = load_config(model="abmil", folds=2, epochs=2, bootstrap=0, model_kwargs={"hidden_dims": [32]})
-    run_training(cfg, d / "cohort" / "features", manifest, d / "run")
-    return d / "run", d / "cohort" / "features", manifest
+@pytest.fixture
+def run(digit_abmil_run):
+    """A 2-fold ABMIL run on digit bags and its bundle (conftest's ``digit_abmil_run``)."""
+    return digit_abmil_run
 
 
 def _legacy(ck: dict, path: Path) -> None:

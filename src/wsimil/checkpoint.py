@@ -56,9 +56,7 @@ def safe_torch_load(path: str | Path, what: str = "file") -> Any:
     path = Path(path)
     if not path.is_file():
         raise WsimilError(f"{what} {path} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+    if not is_torch_file(path):
         raise WsimilError(f"{what} {path} is not a PyTorch file (neither a torch.save archive nor a pickle)")
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
@@ -143,6 +141,13 @@ def save_checkpoint(path: str | Path, obj: dict[str, Any]) -> None:
     meta = {_META_KEY: json.dumps({"format": CHECKPOINT_FORMAT, "tree": tree})}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+
+
+def is_torch_file(path: str | Path) -> bool:
+    """True when ``path`` starts like a ``torch.save`` file: a zip archive, or (legacy format) a pickle."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def is_safetensors(path: str | Path) -> bool:

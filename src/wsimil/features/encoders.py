@@ -238,10 +238,10 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 
 def _load_state(path: Path) -> dict[str, Tensor]:
     """A state dict from safetensors or a PyTorch file (read without running code), with one-line errors."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    pytorch = head[:2] == b"PK" or head[:1] == b"\x80"  # torch.save: a zip archive, or (legacy) a pickle
-    if path.suffix == ".safetensors" or (not pytorch and head[8:9] == b"{"):  # 8-byte length, then JSON
+    from wsimil.checkpoint import is_safetensors, is_torch_file, safe_torch_load
+
+    pytorch = is_torch_file(path)
+    if path.suffix == ".safetensors" or (not pytorch and is_safetensors(path)):
         from safetensors.torch import load_file
 
         try:
@@ -250,8 +250,6 @@ def _load_state(path: Path) -> dict[str, Tensor]:
             raise WsimilError(f"encoder weights {path} are not a readable safetensors file ({e})") from None
     if not pytorch:
         raise WsimilError(f"encoder weights {path} are not a PyTorch checkpoint (torch.save) or a safetensors file")
-    from wsimil.checkpoint import safe_torch_load
-
     state = safe_torch_load(path, "encoder weights")
     for key in ("state_dict", "model", "teacher"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
