@@ -51,10 +51,11 @@ def run_one(args: argparse.Namespace) -> dict:
 
     import torch
 
-    from wsimil.threads import apply_threads, available_cpus, mil_step_elements
+    from wsimil.threads import StepTuner, apply_threads, available_cpus, mil_step_elements
 
     threads = str(available_cpus()) if args.threads == "all" else args.threads
     torch.manual_seed(0)
+    tuner = None
     if args.run == "abmil":
         from wsimil.models import create_model
 
@@ -63,6 +64,10 @@ def run_one(args: argparse.Namespace) -> dict:
         model = create_model("abmil", in_dim=args.dim, n_classes=2)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         x, y = torch.randn(1, args.instances, args.dim), torch.tensor([1])
+        # auto: the trainer's timed choice (StepTuner), probe steps included in the timing
+        tuner = StepTuner.for_plan(plan, quiet=True) if args.threads == "auto" else None
+        if tuner:
+            tuner.attach(model, opt)
 
         def step() -> None:
             opt.zero_grad()
@@ -92,7 +97,10 @@ def run_one(args: argparse.Namespace) -> dict:
         step()
         done += 1
     sec = (time.perf_counter() - t0) / done
-    return {"seconds_per_step": round(sec, 4), "steps": done, "threads": plan.threads, "reason": plan.reason}
+    out = {"seconds_per_step": round(sec, 4), "steps": done, "threads": plan.threads, "reason": plan.reason}
+    if tuner:
+        out.update(threads=tuner.choice, reason="auto: timed probe", probes=tuner.probes)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- the benchmark
@@ -157,12 +165,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny settings: checks that the benchmark runs")
     ap.add_argument("--instances", type=int, default=6000, help="instances per ABMIL bag")
     ap.add_argument("--dim", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=4, help="timed ABMIL training steps (after one warm-up)")
+    ap.add_argument("--steps", type=int, default=30, help="timed ABMIL training steps (after one warm-up)")
     ap.add_argument("--batch-size", type=int, default=32, help="patches per resnet18 batch")
     ap.add_argument("--batches", type=int, default=5, help="timed resnet18 batches (after one warm-up)")
     ap.add_argument("--busy", type=int, default=2, help="background busy processes in the busy condition")
     ap.add_argument("--busy-seconds", type=float, default=600, help="upper bound on their life")
-    ap.add_argument("--max-seconds", type=float, default=10, help="timed seconds per configuration (fewer steps)")
+    ap.add_argument("--max-seconds", type=float, default=25, help="timed seconds per configuration (fewer steps)")
     ap.add_argument("--timeout", type=float, default=120, help="seconds before a configuration's process is stopped")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over the settings (the fastest round is kept)")
     ap.add_argument("--conditions", default="idle,busy")

@@ -182,3 +182,97 @@ def test_resolved_threads_saved_in_the_run_config(digit_cohort, tmp_path, torch_
     assert "Threads: 2" in res.output
     res = CliRunner().invoke(app, [*args, "--threads", "none", "--out", str(tmp_path / "r2")])
     assert res.exit_code == 2 and "positive whole number or 'auto'" in res.output
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def _run_steps(tuner, clock, n, cost, elements=1000):
+    """``n`` steps whose duration is ``cost(threads)`` seconds, the way the trainer's hooks drive the tuner."""
+    seen = []
+    for _ in range(n):
+        tuner.begin(elements)
+        seen.append(tuner._current[0])
+        clock.t += cost(seen[-1])
+        tuner.end()
+    return seen
+
+
+def test_step_tuner_keeps_the_faster_count_and_follows_the_load():
+    clock, set_to = FakeClock(), []
+    tuner = th.StepTuner([1, 2], rounds=2, reprobe_s=60, min_hold=5, clock=clock, set_threads=set_to.append, quiet=True)
+    # idle: 2 threads twice as fast; the probe is 2 warm-ups + 2 rounds of each count, interleaved
+    seen = _run_steps(tuner, clock, 6, lambda c: 1.0 / c)
+    assert seen == [1, 2, 1, 2, 1, 2] and tuner.choice == 2 and set_to[-1] == 2
+    assert tuner.probes[0]["seconds_per_1M_values"] == {"1": 1000.0, "2": 500.0}
+    # busy: a second thread now stalls; no re-probe before 60 s and 5 steps have passed ...
+    assert _run_steps(tuner, clock, 5, lambda c: 3.0 if c == 2 else 1.0) == [2] * 5
+    clock.t += 60
+    # ... then the probe (1 warm-up of the other count, 2 rounds) moves the choice to 1 thread
+    seen = _run_steps(tuner, clock, 5, lambda c: 3.0 if c == 2 else 1.0)
+    assert seen == [1, 1, 2, 1, 2] and tuner.choice == 1 and len(tuner.probes) == 2
+    assert _run_steps(tuner, clock, 3, lambda c: 1.0) == [1, 1, 1]
+
+
+def test_step_tuner_compares_time_per_feature_value_not_per_step():
+    clock = FakeClock()
+    tuner = th.StepTuner([1, 2], rounds=1, clock=clock, set_threads=lambda n: None, quiet=True)
+    sizes = iter([100, 100, 100, 10_000])  # warm 1, warm 2, timed 1 (small bag), timed 2 (large bag)
+    for _ in range(4):
+        n = next(sizes)
+        tuner.begin(n)
+        clock.t += n * (1e-3 if tuner._current[0] == 1 else 0.5e-3)
+        tuner.end()
+    assert tuner.choice == 2  # its step took longer, on a bag 100x larger
+
+
+def test_step_tuner_only_where_auto_decides(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    plan = th.ThreadPlan(1, 1, 1, 0, 8, 8.0, "auto", "mil", "")
+    assert th.StepTuner.for_plan(plan).candidates == [1, 4, 8]
+    assert th.StepTuner.for_plan(th.ThreadPlan(**{**plan.to_dict(), "requested": "2"})) is None
+    assert th.StepTuner.for_plan(th.ThreadPlan(**{**plan.to_dict(), "cpus": 1})) is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert th.StepTuner.for_plan(plan) is None
+
+
+def test_step_tuner_hooks_time_training_steps_only(torch_threads):
+    clock = FakeClock()
+    tuner = th.StepTuner([1, 2], rounds=1, clock=clock, quiet=True)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hooks = tuner.attach(model, opt)
+    for _ in range(4):
+        model(torch.randn(3, 4)).sum().backward()
+        model(torch.randn(3, 4))  # a second forward in the same step is part of it
+        clock.t += 1.0 if torch.get_num_threads() == 1 else 2.0
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(3, 4))  # validation: not a step
+    assert tuner.steps == 4 and tuner.choice == 1 and torch.get_num_threads() == 1
+    for h in hooks:
+        h.remove()
+    model.train()
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    assert tuner.steps == 4
+
+
+def test_training_with_auto_threads_saves_the_timed_choice(digit_cohort, tmp_path, torch_threads, monkeypatch):
+    from wsimil.config import load_config
+    from wsimil.methods.trainer import run_training
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(th, "available_cpus", lambda: 2)
+    feats, manifest = digit_cohort
+    cfg = load_config(model="mean", folds=2, epochs=2, threads="auto", bootstrap=0)
+    res = run_training(cfg, feats, manifest, tmp_path / "run")
+    tuned = json.loads((tmp_path / "run" / "results.json").read_text())["threads_tuned"]
+    assert res["threads_tuned"] == tuned and tuned["candidates"] == [1, 2] and tuned["steps"] > 0
+    assert tuned["choice"] in (1, 2) and tuned["probes"] and tuned["probes"][0]["chose"] == tuned["choice"]

@@ -13,7 +13,8 @@ a patch encoder's convolutions scale with the cores that are actually free.
    ``cpu.cfs_quota_us``), less those other processes keep busy (idle time of those CPUs over 0.2 s; on systems
    without ``/proc/stat``, the 1-minute load average);
 3. the work picks from the budget: MIL steps get one thread per :data:`MIL_ELEMENTS_PER_THREAD` feature values
-   (at least 1); patch encoding uses every CPU this process may use less its DataLoader workers (busy or not: its
+   (at least 1), and MIL *training* then times its first steps at each candidate count and keeps the fastest
+   (:class:`StepTuner`, repeated every few minutes); patch encoding uses every CPU this process may use less its DataLoader workers (busy or not: its
    convolutions synchronise rarely, so on a contended machine more threads win more CPU time); image work (tissue
    detection, tiling, heatmaps) shares the budget among its worker processes.
 
@@ -291,3 +292,133 @@ def use_threads(requested: int | str | None, work: Work = "mil", workers: int = 
     if requested is not None:
         _requested = parse_threads(requested)
     return apply_threads(None, work, workers=workers)
+
+
+# ---------------------------------------------------------------------------------------------- timed choice
+class StepTuner:
+    """Chooses the intra-op thread count of MIL training steps by timing them (``auto`` only).
+
+    Whether a second thread pays depends on the bag size, the model and what else runs on the machine; no rule
+    predicts it (2 cores beside two busy processes: ABMIL on 6,000 x 1,024 bags ran 0.54 s per step at 2 threads
+    and 0.62 s at 1, while MUSK1's small bags ran 4x faster at 1). So the first steps of a run are a probe: one
+    warm-up step at each candidate count, then ``rounds`` steps at each, interleaved so that a change of load hits
+    all of them; the count with the least time per feature value is kept. The probe is repeated when
+    ``reprobe_s`` seconds and ``min_hold`` steps have passed since the last, so a run follows the load of a shared
+    machine. A step is timed from the model's first training-mode forward to the optimiser's ``step`` (data
+    loading and validation are outside); :meth:`attach` installs the two hooks.
+    """
+
+    def __init__(
+        self,
+        candidates: list[int],
+        *,
+        rounds: int = 3,
+        reprobe_s: float = 120.0,
+        min_hold: int = 20,
+        clock=time.perf_counter,
+        set_threads=None,
+        quiet: bool = False,
+    ):
+        self.candidates = sorted({max(1, int(c)) for c in candidates})
+        self.rounds, self.reprobe_s, self.min_hold = int(rounds), float(reprobe_s), int(min_hold)
+        self.clock, self.quiet = clock, quiet
+        if set_threads is None:
+            import torch
+
+            set_threads = torch.set_num_threads
+        self._set = set_threads
+        self.choice: int | None = None
+        self.probes: list[dict] = []  # one entry per probe: seconds per 1M feature values for each candidate
+        self.steps = 0
+        self._plan: list[tuple[int, bool]] = []  # (threads, timed) for the next steps of the current probe
+        self._acc: dict[int, list[float]] = {}
+        self._current: tuple[int, bool] | None = None
+        self._t0: float | None = None
+        self._n = 0
+        self._held_since = (0, 0.0)  # (steps, time) when the current choice was made
+
+    @classmethod
+    def for_plan(cls, plan: ThreadPlan, **kw) -> StepTuner | None:
+        """A tuner for a resolved ``mil`` plan, or ``None`` where the count is not ours to choose (an explicit
+        ``N``, ``OMP_NUM_THREADS`` set, one CPU)."""
+        env = os.environ.get("OMP_NUM_THREADS", "").strip()
+        if plan.requested != AUTO or (env.isdigit() and int(env) > 0) or plan.cpus < 2:
+            return None
+        cands = {1, plan.cpus}
+        if plan.cpus >= 4:
+            cands.add(plan.cpus // 2)
+        return cls(sorted(cands), **kw)
+
+    # -------------------------------------------------------------- the state machine
+    def _start_probe(self) -> None:
+        warm = [(c, False) for c in self.candidates if c != self.choice]  # the current count is warm already
+        timed = [(c, True) for _ in range(self.rounds) for c in self.candidates]
+        self._plan = warm + timed
+        self._acc = {c: [0.0, 0.0] for c in self.candidates}
+
+    def begin(self, elements: int) -> None:
+        """A training step starts, on ``elements`` feature values (instances x width). Later calls before
+        :meth:`end` (a second forward in the same step) are ignored."""
+        if self._t0 is not None:
+            return
+        if not self._plan and self._due():
+            self._start_probe()
+        threads, timed = self._plan.pop(0) if self._plan else (self.choice, False)
+        self._current = (threads, timed)
+        self._set(threads)
+        self._n = max(1, int(elements))
+        self._t0 = self.clock()
+
+    def end(self) -> None:
+        """The step's optimiser update is done."""
+        if self._t0 is None:
+            return
+        dt = self.clock() - self._t0
+        self._t0 = None
+        self.steps += 1
+        threads, timed = self._current
+        if timed:
+            acc = self._acc[threads]
+            acc[0] += dt
+            acc[1] += self._n
+            if not self._plan:
+                self._decide()
+
+    def _due(self) -> bool:
+        if self.choice is None:
+            return True
+        steps, t = self._held_since
+        return self.steps - steps >= self.min_hold and self.clock() - t >= self.reprobe_s
+
+    def _decide(self) -> None:
+        per = {c: s / n * 1e6 for c, (s, n) in self._acc.items() if n > 0}
+        best = min(per, key=per.get)
+        changed = best != self.choice
+        self.choice = best
+        self._held_since = (self.steps, self.clock())
+        self.probes.append({"step": self.steps, "seconds_per_1M_values": {str(c): round(v, 4) for c, v in per.items()},
+                            "chose": best})  # fmt: skip
+        self._set(best)
+        if changed and not self.quiet:
+            from wsimil.progress import console
+
+            timed = ", ".join(f"{c} → {v:.3g} s" for c, v in per.items())
+            console.print(f"Threads: {best} for MIL steps (auto, timed per 1M feature values: {timed})",
+                          highlight=False, soft_wrap=True)  # fmt: skip
+
+    # -------------------------------------------------------------- hooks
+    def attach(self, model, optimizer) -> list:
+        """Time ``model``'s training steps: a forward pre-hook (training mode with gradients only) starts a step, an
+        optimiser step post-hook ends it. Returns the hook handles (``.remove()`` them when the fold is done)."""
+        import torch
+
+        def pre(module, args):
+            if module.training and torch.is_grad_enabled():
+                x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+                self.begin(x.numel() if x is not None else 1)
+
+        return [model.register_forward_pre_hook(pre), optimizer.register_step_post_hook(lambda *_: self.end())]
+
+    def summary(self) -> dict:
+        """What was chosen and what each probe measured (saved in a run's results)."""
+        return {"candidates": self.candidates, "choice": self.choice, "steps": self.steps, "probes": self.probes}

@@ -48,7 +48,7 @@ from wsimil.io import write_csv, write_json, write_yaml
 from wsimil.methods.base import Batch, create_method
 from wsimil.models import MILModel
 from wsimil.progress import console, make_progress
-from wsimil.threads import apply_threads, mil_step_elements
+from wsimil.threads import StepTuner, apply_threads, mil_step_elements
 
 
 @dataclass
@@ -163,6 +163,7 @@ class Trainer:
         self.method = create_method(cfg)
         self.method.prepare(m)
         self.hash = config_hash(cfg, {"classes": m.classes, "in_dim": cohort.in_dim})
+        self.tuner: StepTuner | None = None  # times training steps to choose the thread count (threads: auto)
 
     @property
     def slide_ids(self) -> list[str]:
@@ -257,6 +258,7 @@ class Trainer:
     def _fit(self, model: MILModel, ctx: FoldContext, progress, task) -> list[dict]:
         cfg, method, split = self.cfg, self.method, ctx.split
         opt = _optimizer(cfg, method.parameters(model))
+        hooks = self.tuner.attach(model, opt) if self.tuner else []
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs) if cfg.scheduler == "cosine" else None
         gen = torch.Generator().manual_seed(ctx.seed)
         best_state, best_score, best_epoch, bad_epochs = None, math.inf, -1, 0
@@ -291,6 +293,8 @@ class Trainer:
                     bad_epochs += 1
                 if bad_epochs >= cfg.patience:
                     break
+        for h in hooks:
+            h.remove()
         if best_state is not None:
             model.load_state_dict(best_state)
             for row in history:
@@ -379,6 +383,7 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
     threads = apply_threads(cfg.threads, "mil", elements=steps)
     # fail on bad model or method options now, not after a fold of training
     trainer = Trainer(cfg, cohort, out, device, man)
+    trainer.tuner = StepTuner.for_plan(threads)
     trainer.method.build(cohort.in_dim, len(man.classes))
     out.mkdir(parents=True, exist_ok=True)
     resolved = {
@@ -451,6 +456,8 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
     repeats = sorted({r.split.repeat for r in results})
     if len(repeats) > 1:
         payload["repeat_metrics"] = summarize_repeats([r.metrics for r in results], [r.split.repeat for r in results])
+    if trainer.tuner:
+        payload["threads_tuned"] = trainer.tuner.summary()  # the thread counts the timed probes chose
     payload = nan_to_none(payload)
     write_json(out / "results.json", payload)
     from wsimil.bundle import bundle_from_run
