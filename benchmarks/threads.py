@@ -169,7 +169,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32, help="patches per resnet18 batch")
     ap.add_argument("--batches", type=int, default=5, help="timed resnet18 batches (after one warm-up)")
     ap.add_argument("--busy", type=int, default=2, help="background busy processes in the busy condition")
-    ap.add_argument("--busy-seconds", type=float, default=600, help="upper bound on their life")
+    ap.add_argument(
+        "--busy-seconds",
+        type=float,
+        default=None,
+        help="upper bound on their life (default: every configuration of the condition at --timeout)",
+    )
     ap.add_argument("--max-seconds", type=float, default=25, help="timed seconds per configuration (fewer steps)")
     ap.add_argument("--timeout", type=float, default=120, help="seconds before a configuration's process is stopped")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over the settings (the fastest round is kept)")
@@ -193,11 +198,14 @@ def main() -> None:
     results: dict = {}
     free_at_start: dict = {}
     busy: list[subprocess.Popen] = []
+    busy_alive_at_end = None
     stopped = None
     try:
         for cond in args.conditions.split(","):
             if cond == "busy":
-                busy = start_busy(args.busy, args.busy_seconds)
+                # they must outlive the condition: a round timed after they ended would not be "busy"
+                life = args.busy_seconds or args.repeats * 6 * (args.timeout + 30)
+                busy = start_busy(args.busy, life)
                 time.sleep(1.0)  # let them reach full speed
             free_at_start[cond] = free_cpus(cpu_set(), 1.0)  # is "idle" idle? (other users of the machine)
             for rep in range(args.repeats):  # settings interleaved, so a change of load hits all of them
@@ -209,6 +217,8 @@ def main() -> None:
                         if t not in rows or _faster(r, rows[t]):
                             rows[t] = r
                         print(f"[{cond}] {w} threads={t}: {r}", file=sys.stderr, flush=True)
+            if busy:  # a busy process that ended early would have made later rounds idle ones
+                busy_alive_at_end = all(p.poll() is None for p in busy)
             stop_busy(busy)
             busy = []
     except (KeyboardInterrupt, SystemExit) as e:  # still report what was measured
@@ -231,6 +241,7 @@ def main() -> None:
                 },
                 "settings": {k: v for k, v in vars(args).items() if k not in ("run", "threads", "conditions")},
                 "free_cpus_at_start": free_at_start,
+                "busy_processes_alive_at_end": busy_alive_at_end,
                 "results": results,
                 "auto_vs_best_fixed": summary,
                 "all_within_10pct": bool(summary) and all(s["within_10pct"] for s in summary.values()),
