@@ -113,7 +113,8 @@ def train(
 ) -> None:
     """Train a MIL model with cross-validation.
 
-    Writes config.yaml, results.json, predictions.csv, history.csv and per-fold checkpoints to --out."""
+    Writes config.yaml, results.json, predictions.csv, history.csv, per-fold checkpoints and bundle/ to --out."""
+    from wsimil.bundle import bundle_from_run
     from wsimil.config import load_config, parse_key_values
     from wsimil.methods.trainer import run_training
     from wsimil.progress import console
@@ -144,6 +145,7 @@ def train(
         threads=threads,
     )
     res = run_training(cfg, features, manifest, out)
+    bundle_from_run(out)  # RUN/bundle/: everything `wsimil predict` needs
     _print_metrics(res["metrics"])
     console.print(f"Results: {out / 'results.json'}")
 

@@ -8,7 +8,8 @@ import yaml
 from wsimil.config import load_config
 from wsimil.errors import WsimilError
 from wsimil.evaluation.evaluate import evaluate_run
-from wsimil.methods.trainer import load_model, run_training
+from wsimil.methods.trainer import run_training
+from wsimil.run import load_model
 
 FAST = dict(
     epochs=4,
@@ -166,14 +167,13 @@ def test_method_interface_extra_heads_options_and_baseline_fold(digit_cohort, tm
     from dataclasses import replace
 
     from wsimil.methods.base import TrainingMethod, register_method
+    from wsimil.methods.options import MethodSpec, Option
 
     seen = {}
 
-    @register_method("_test_heads")
+    @register_method("_test_heads", MethodSpec("_test_heads", (Option("scale", float, 1.0, "head scale"),)))
     class Heads(TrainingMethod):
         """Test method: supervised loss, plus a second head that is the negated logits."""
-
-        defaults = {"scale": 1.0}
 
         def build(self, in_dim, n_classes):
             model = super().build(in_dim, n_classes)
