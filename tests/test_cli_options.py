@@ -35,6 +35,13 @@ def _option(param: _Param):
     return next(a for a in typing.get_args(param.annotation) if hasattr(a, "param_decls"))
 
 
+def _decls(param: _Param) -> set[str]:
+    """The flag spellings a parameter declares (inside ``Annotated``, typer takes a first "--x" as one)."""
+    o = _option(param)
+    first = o.default if isinstance(o.default, str) and o.default.startswith("-") else None
+    return {*(o.param_decls or ()), *([first] if first else [])}
+
+
 def test_every_method_has_a_spec_and_every_spec_a_method():
     assert set(list_methods()) >= set(METHOD_SPECS)
     for name in list_methods():
@@ -59,11 +66,11 @@ def test_train_flags_are_config_fields_or_method_options():
 
 def test_renamed_flags_are_hidden_aliases():
     for cmd in (cli.train, cli.evaluate):
-        decls = {d for p in _params(cmd).values() for d in (_option(p).param_decls or ())}
+        decls = {d for p in _params(cmd).values() for d in _decls(p)}
         assert cmd is not cli.train or "--batch-size" in decls  # the alias is still accepted
         for old in RENAMED_FLAGS:
             if old in decls:
-                p = next(p for p in _params(cmd).values() if old in (_option(p).param_decls or ()))
+                p = next(p for p in _params(cmd).values() if old in _decls(p))
                 assert _option(p).hidden
     assert "--batch-size" not in CliRunner().invoke(app, ["train", "--help"]).output
     assert "--bag-batch-size" in CliRunner().invoke(app, ["evaluate", "--help"]).output
