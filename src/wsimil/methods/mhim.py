@@ -389,7 +389,7 @@ class MHIM(TrainingMethod):
         """The CE part and its terms: the task's bag loss and, for classification, the backbone's own terms mixed
         with ``model.loss_weights`` (as the supervised baseline does)."""
         bag = self.bag_loss(out.logits, batch)
-        if self.cfg.task == "survival":
+        if not self.task.uses_model_aux_losses:  # survival: the hazards' NLL alone
             return bag, {"bag": bag}
         terms = {"bag": bag, **model.aux_losses(out, batch.y, mask)}
         w = model.loss_weights
