@@ -42,6 +42,12 @@ def test_classification():
     assert task.test_scores(t, idx, _pred(z, t.labels), n_boot=0, seed=0).ci is None
     assert task.prediction_row(t, 1, ["a", "b"], None) == {"label": "b"}
     assert task.primary_metric == "auc" and task.uses_model_aux_losses
+    assert task.label_columns("grade") == ("grade",)
+    df = pd.DataFrame({"slide_id": ["s1", "s2", "s3"], "grade": ["10", "2", "2"]})
+    out, classes = task.read_labels(df, "grade", None, 4, "m.csv", [])
+    assert classes == ["2", "10"] and out["y"].tolist() == [1, 0, 0]  # numeric labels sort as numbers
+    with pytest.raises(WsimilError, match="unknown grade '10'"):
+        task.read_labels(df, "grade", ["2", "3"], 4, "m.csv", [])
 
 
 def test_survival():
@@ -69,3 +75,4 @@ def test_survival():
     assert task.prediction_row(t, 2, [], 0.5) == {"time": 3.0, "event": 0, "risk": 0.5}
     assert task.pooled(t, idx, np.zeros((4, 4)), np.zeros(4), 20, 0) is None
     assert task.primary_metric == "c_index" and not task.uses_model_aux_losses
+    assert task.label_columns("label") == ("time", "event")

@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wsimil.errors import WsimilError
+from wsimil.errors import WsimilError, problems_error
 from wsimil.evaluation import survival as surv
 from wsimil.evaluation.metrics import bootstrap_ci, classification_metrics, pooled_oof
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import pandas as pd
 
     from wsimil.evaluation.predict import Predictions
@@ -58,6 +60,17 @@ class Task:
     #: whether the supervised losses add the backbone's own auxiliary terms (e.g. CLAM's instance loss)
     uses_model_aux_losses = True
 
+    def label_columns(self, label_column: str) -> tuple[str, ...]:
+        """The manifest columns this task reads its labels from."""
+        return (label_column,)
+
+    def read_labels(self, df: pd.DataFrame, label_column: str, classes: list[str] | None, bins: int, path: Path,
+                    problems: list[str]) -> tuple[pd.DataFrame, list[str]]:  # fmt: skip
+        """Check the label columns of manifest ``df`` (string columns; ``problems`` holds the other rows' problems)
+        and add the class index column ``y``; returns ``(df, class names)`` or raises one error listing every
+        problem."""
+        raise NotImplementedError
+
     def targets(self, df: pd.DataFrame, labels: np.ndarray) -> Targets:
         """The targets of a validated manifest table ``df`` whose class indices are ``labels``."""
         return Targets(np.asarray(labels))
@@ -90,6 +103,33 @@ class Task:
 class Classification(Task):
     name = "classification"
 
+    def read_labels(self, df: pd.DataFrame, label_column: str, classes: list[str] | None, bins: int, path: Path,
+                    problems: list[str]) -> tuple[pd.DataFrame, list[str]]:  # fmt: skip
+        """Labels are class names; ``classes`` fixes their order (and rejects others), by default the sorted
+        distinct labels (numerically if they are all numbers)."""
+        missing = [lab == "" or lab.lower() == "nan" for lab in df[label_column]]
+        for i, (sid, miss) in enumerate(zip(df["slide_id"], missing, strict=True)):
+            if miss:
+                problems.append(f"slide {sid!r} (row {i + 2}): missing {label_column}")
+        if classes is None:
+            classes = _sort_classes(sorted({v for v, m in zip(df[label_column], missing, strict=True) if not m}))
+        else:
+            classes = [str(c) for c in classes]
+            for i, (sid, lab) in enumerate(zip(df["slide_id"], df[label_column], strict=True)):
+                if lab and lab.lower() != "nan" and lab not in classes:
+                    problems.append(
+                        f"slide {sid!r} (row {i + 2}): unknown {label_column} {lab!r}; expected one of {classes}"
+                    )
+        if problems:
+            raise problems_error(f"manifest {path} is invalid", problems)
+        if len(classes) < 2:
+            raise WsimilError(
+                f"manifest {path}: column {label_column!r} has a single class {classes}; training needs at least two"
+            )
+        index = {c: i for i, c in enumerate(classes)}
+        df["y"] = [index[v] for v in df[label_column]]
+        return df, classes
+
     def loss(self, logits: Tensor, y: Tensor, event: Tensor | None = None) -> Tensor:
         return F.cross_entropy(logits, y)
 
@@ -114,6 +154,16 @@ class Survival(Task):
     name = "survival"
     primary_metric = "c_index"
     uses_model_aux_losses = False
+
+    def label_columns(self, label_column: str) -> tuple[str, ...]:
+        return ("time", "event")
+
+    def read_labels(self, df: pd.DataFrame, label_column: str, classes: list[str] | None, bins: int, path: Path,
+                    problems: list[str]) -> tuple[pd.DataFrame, list[str]]:  # fmt: skip
+        """``time,event`` → ``y`` = the quantile time bin, classes ``bin0…`` (:func:`add_survival_columns`)."""
+        if problems:
+            raise problems_error(f"manifest {path} is invalid", problems)
+        return surv.add_survival_columns(df, bins, path)
 
     def targets(self, df: pd.DataFrame, labels: np.ndarray) -> Targets:
         missing = [c for c in ("event", "time") if c not in df.columns]
@@ -148,6 +198,13 @@ class Survival(Task):
 
     def prediction_row(self, targets: Targets, i: int, classes: list[str], risk: float | None) -> dict[str, Any]:
         return {"time": float(targets.times[i]), "event": int(targets.events[i]), "risk": float(risk)}
+
+
+def _sort_classes(values: list[str]) -> list[str]:
+    try:
+        return sorted(values, key=float)
+    except ValueError:
+        return sorted(values)
 
 
 _TASKS: dict[str, Task] = {t.name: t for t in (Classification(), Survival())}
