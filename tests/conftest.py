@@ -60,6 +60,7 @@ def tissue_iou(a: np.ndarray, b: np.ndarray) -> float:
 def digit_abmil_run(tmp_path_factory):
     """A 2-fold ABMIL run on 24 digit bags (features without slide provenance), with its bundle: ``(run folder,
     features, manifest)``. Shared: tests must not write into it."""
+    from wsimil.bundle import bundle_from_run
     from wsimil.config import load_config
     from wsimil.data.synthetic import make_digit_bags, write_bags
     from wsimil.methods.trainer import run_training
@@ -68,4 +69,5 @@ def digit_abmil_run(tmp_path_factory):
     manifest = write_bags(make_digit_bags(24, seed=5), d / "cohort")
     cfg = load_config(model="abmil", folds=2, epochs=2, bootstrap=0, model_kwargs={"hidden_dims": [32]})
     run_training(cfg, d / "cohort" / "features", manifest, d / "run")
+    bundle_from_run(d / "run")  # as `wsimil train` does
     return d / "run", d / "cohort" / "features", manifest

@@ -36,7 +36,7 @@ def test_training_writes_a_loadable_bundle(digit_run):
     # a run folder or the bundle.json itself load the same bundle
     assert load_bundle(run).path == load_bundle(run / "bundle" / "bundle.json").path == run / "bundle"
     # members are the fold checkpoints: same weights, same standardiser
-    from wsimil.methods.trainer import load_model
+    from wsimil.run import load_model
 
     (m0, std0), _ = b.load_models()
     ref, ck = load_model(run / "checkpoints" / "repeat0_fold0.safetensors")
@@ -186,7 +186,7 @@ def test_survival_bundle_predicts_risk_and_reports_c_index(tmp_path):
     df.to_csv(m, index=False)
     cfg = load_config(model="mean", folds=2, epochs=1, task="survival", bootstrap=20, val_fraction=0.0)
     run_training(cfg, tmp_path / "c" / "features", m, tmp_path / "run")
-    b = load_bundle(tmp_path / "run")
+    b = load_bundle(bundle_from_run(tmp_path / "run"))
     predict_features(b, tmp_path / "c" / "features", tmp_path / "p", device="cpu")
     pred = pd.read_csv(tmp_path / "p" / "predictions.csv", dtype={"slide_id": str})
     assert list(pred.columns) == ["slide_id", "risk"]

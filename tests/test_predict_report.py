@@ -22,6 +22,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def synth_run(tmp_path_factory):
     """4 synthetic slides (2 with tumour) tiled at 20x, ResNet-18 (seeded random) features, 2-fold ABMIL."""
+    from wsimil.bundle import bundle_from_run
     from wsimil.config import load_config
     from wsimil.features.extract import ExtractSettings, features_dir, run_extraction
     from wsimil.methods.trainer import run_training
@@ -38,6 +39,7 @@ def synth_run(tmp_path_factory):
     cfg = load_config(model="abmil", folds=2, epochs=3, val_fraction=0.0, bootstrap=50, model_kwargs={"attn_dim": 32})
     feats = features_dir(d / "job", st, 256)
     run_training(cfg, feats, d / "cohort" / "manifest.csv", d / "run")
+    bundle_from_run(d / "run")  # as `wsimil train` does
     return d, feats
 
 

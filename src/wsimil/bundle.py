@@ -177,7 +177,7 @@ class Bundle:
         both versions."""
         from wsimil.data.batching import Standardizer
         from wsimil.features.encoders import sha256_file
-        from wsimil.methods.trainer import load_model
+        from wsimil.run import load_model
 
         have = sorted({m.fold for m in self.members})
         unknown = sorted(set(folds or []) - set(have))
@@ -639,7 +639,7 @@ def _head_classes(ckpt: str | Path, classes: list[str]) -> dict[str, list[str]]:
 
     from wsimil.config import TrainConfig
     from wsimil.methods.base import create_method
-    from wsimil.methods.trainer import load_model
+    from wsimil.run import load_model
 
     model, ck = load_model(ckpt)
     with torch.no_grad():

@@ -30,6 +30,24 @@ Threads = Annotated[
 ]
 
 
+#: ``train`` flags that set a method option: parameter → the methods whose option of that name it sets (type and
+#: help are checked against :mod:`wsimil.methods.options` by tests/test_cli_options.py)
+METHOD_FLAGS: dict[str, tuple[str, ...]] = {"teacher_init": ("mhim", "mhim_v1", "mhim_v2")}
+#: flags renamed for one meaning per name across commands: old spelling → new; the old one is a hidden alias
+#: that warns, kept for one release
+RENAMED_FLAGS: dict[str, str] = {"--batch-size": "--bag-batch-size"}
+
+
+def _renamed(new_value, old_value, old: str):
+    """The value of a renamed flag: the new spelling's, else the deprecated one's (with a warning)."""
+    if old_value is None:
+        return new_value
+    import warnings
+
+    warnings.warn(f"{old} is deprecated here; use {RENAMED_FLAGS[old]}", FutureWarning, stacklevel=2)
+    return old_value if new_value is None else new_value
+
+
 def _default(field: str) -> str:
     """The TrainConfig default of ``field``, for help texts (flags left unset fall back to config/defaults)."""
     from wsimil.config import TrainConfig
@@ -82,7 +100,10 @@ def train(
     ] = None,
     teacher_init: Annotated[
         Path | None,
-        typer.Option(help="MHIM: run folder of a trained baseline to initialise the teacher from (same splits)."),
+        typer.Option(
+            help="mhim, mhim_v1, mhim_v2: Run folder of a trained baseline (same splits) to initialise the teacher "
+            "from; default: train one first."
+        ),
     ] = None,
     folds: Annotated[
         int | None, typer.Option(help="k of stratified, case-grouped k-fold CV. " + _default("folds"))
@@ -100,8 +121,12 @@ def train(
     epochs: Annotated[int | None, typer.Option(help=_default("epochs"))] = None,
     lr: Annotated[float | None, typer.Option(help=_default("lr"))] = None,
     weight_decay: Annotated[float | None, typer.Option(help=_default("weight_decay"))] = None,
+    bag_batch_size: Annotated[
+        int | None,
+        typer.Option(help="Bags per mini-batch (padded with a mask; config key batch_size). " + _default("batch_size")),
+    ] = None,
     batch_size: Annotated[
-        int | None, typer.Option(help="Bags per mini-batch (padded with a mask). " + _default("batch_size"))
+        int | None, typer.Option("--batch-size", hidden=True, help="Deprecated: --bag-batch-size.")
     ] = None,
     max_instances: Annotated[int | None, typer.Option(help="Randomly subsample bigger bags in training.")] = None,
     standardize: Annotated[
@@ -113,7 +138,8 @@ def train(
 ) -> None:
     """Train a MIL model with cross-validation.
 
-    Writes config.yaml, results.json, predictions.csv, history.csv and per-fold checkpoints to --out."""
+    Writes config.yaml, results.json, predictions.csv, history.csv, per-fold checkpoints and bundle/ to --out."""
+    from wsimil.bundle import bundle_from_run
     from wsimil.config import load_config, parse_key_values
     from wsimil.methods.trainer import run_training
     from wsimil.progress import console
@@ -136,7 +162,7 @@ def train(
         epochs=epochs,
         lr=lr,
         weight_decay=weight_decay,
-        batch_size=batch_size,
+        batch_size=_renamed(bag_batch_size, batch_size, "--batch-size"),
         max_instances=max_instances,
         standardize=standardize,
         seed=seed,
@@ -144,6 +170,7 @@ def train(
         threads=threads,
     )
     res = run_training(cfg, features, manifest, out)
+    bundle_from_run(out)  # RUN/bundle/: everything `wsimil predict` needs
     _print_metrics(res["metrics"])
     console.print(f"Results: {out / 'results.json'}")
 
@@ -155,16 +182,18 @@ def evaluate(
     features: Annotated[Path, typer.Option(help="Feature folder of the test cohort.")],
     manifest: Annotated[Path, typer.Option(help="Manifest CSV of the test cohort.")],
     out: Annotated[Path, typer.Option(help="Folder for results.json and predictions.csv.")],
-    device: Annotated[str, typer.Option()] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap resamples.")] = 0,
+    bag_batch_size: Annotated[int, typer.Option(help="Bags per evaluation batch.")] = 8,
     threads: Threads = None,
 ) -> None:
     """Score an external test set with each fold model and their ensemble, with bootstrap 95% CIs."""
     from wsimil.evaluation.evaluate import evaluate_run
     from wsimil.progress import console
 
-    res = evaluate_run(run, features, manifest, out, device=device, n_boot=bootstrap, seed=seed, threads=threads)
+    res = evaluate_run(run, features, manifest, out, device=device, n_boot=bootstrap, seed=seed,
+                       batch_size=bag_batch_size, threads=threads)  # fmt: skip
     for k, v in res["ensemble"]["metrics"].items():
         ci = "n/a (too few slides of a class)" if v.get("too_small") else f"{_fmt(v['ci_low'])}–{_fmt(v['ci_high'])}"
         console.print(f"  {k:18s} {_fmt(v['value'])}  [95% CI {ci}]")
@@ -335,15 +364,15 @@ def encoders() -> None:
 @_user_errors
 def methods() -> None:
     """List the training methods and their options (set with --method-opt KEY=VALUE)."""
-    from wsimil.methods.base import _METHODS, list_methods
+    from wsimil.methods.base import list_methods, method_class
     from wsimil.progress import console
 
     for name in list_methods():
-        cls = _METHODS[name]
+        cls = method_class(name)
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         console.print(f"[bold]{name}[/]  {doc}", highlight=False)
-        for k, v in sorted(cls.defaults.items()):
-            console.print(f"    {k} = {v!r}", highlight=False)
+        for o in cls.spec.options:
+            console.print(f"    {o.name} ({o.type_name}) = {o.default!r}  {o.help}", highlight=False, soft_wrap=True)
 
 
 @app.command()

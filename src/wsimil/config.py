@@ -69,11 +69,12 @@ class TrainConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _method_defaults(cls, data: Any) -> Any:
-        """Fields left unset take the method's own defaults (``TrainingMethod.config_defaults``)."""
+        """Fields left unset take the method's own defaults (``MethodSpec.config_defaults``)."""
         if isinstance(data, dict) and isinstance(data.get("method"), str):
-            from wsimil.methods.base import method_config_defaults
+            from wsimil.methods.options import method_spec  # the table of method settings (imports no config)
 
-            data = {**method_config_defaults(data["method"]), **data}
+            spec = method_spec(data["method"])
+            data = {**(spec.config_defaults if spec is not None else {}), **data}
         return data
 
     @field_validator("threads", mode="before")
@@ -132,11 +133,12 @@ def preset_path(path: str | Path) -> Path:
 
 def _model_kwargs_for(kwargs: dict[str, Any], file_model: str, model: str, method: str, source: str) -> dict:
     """``kwargs`` written for ``file_model`` without the options that only it takes, when ``model`` is chosen."""
-    from wsimil.methods.base import method_owns_model_kwargs
+    from wsimil.methods.options import method_spec
     from wsimil.models import list_models
     from wsimil.models.base import model_options
 
-    if method_owns_model_kwargs(method) or file_model not in list_models() or model not in list_models():
+    spec = method_spec(method)
+    if (spec is not None and spec.owns_model_kwargs) or file_model not in list_models() or model not in list_models():
         return kwargs
     theirs, ours = model_options(file_model), model_options(model)
     if ours is None:

@@ -21,8 +21,9 @@ from wsimil.methods.hmil import (
     read_hierarchy_file,
     supcon_loss,
 )
-from wsimil.methods.trainer import load_model, run_training
+from wsimil.methods.trainer import run_training
 from wsimil.models.hmil import HMILNet, mapping_matrix, marginal_log_probs
+from wsimil.run import load_model
 
 SMALL = {"mlp_dim": 16, "coarse_dim": 16, "fine_dim": 8, "coarse_attn_dim": 8, "fine_attn_dim": 4}
 

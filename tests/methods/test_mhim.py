@@ -117,7 +117,7 @@ def _ctx(teacher, in_dim, n_train=8, seed=0):
         device="cpu",
         seed=seed,
         train=np.arange(n_train),
-        trainer=SimpleNamespace(cohort=SimpleNamespace(in_dim=in_dim)),
+        in_dim=in_dim,
         baseline=lambda **kw: (teacher, None),
     )
 
@@ -441,10 +441,11 @@ def test_teacher_init_from_a_previous_run(digit_cohort, tmp_path):
     trainer = Trainer(cfg, cohort, tmp_path / "x", "cpu", man)
     split = kfold_splits(man, 2, 1, cfg.val_fraction, cfg.seed)[1]
     ctx = trainer._context(split, None)
-    student = trainer.method.build(64, 2)
-    trainer.method.setup(student, ctx)
+    method = trainer.new_method()
+    student = method.build(64, 2)
+    method.setup(student, ctx)
     ck = load_checkpoint(tmp_path / "base" / "checkpoints" / "repeat0_fold1.safetensors")
-    for k, v in trainer.method.teacher.state_dict().items():
+    for k, v in method.teacher.state_dict().items():
         torch.testing.assert_close(v, ck["state_dict"][k])
     torch.testing.assert_close(student.proj[0].weight, ck["state_dict"]["proj.0.weight"])
 
@@ -453,18 +454,18 @@ def test_teacher_init_from_a_previous_run(digit_cohort, tmp_path):
     wrong = {**ck, "model": "dsmil", "classes": ["a", "b"]}
     wrong["standardizer"] = {k: v + 1 for k, v in ck["standardizer"].items()}
     save_checkpoint(bad / "repeat0_fold1.safetensors", wrong)
-    trainer.method.opts["teacher_init"] = str(tmp_path / "bad")
+    method.opts["teacher_init"] = str(tmp_path / "bad")
     with pytest.raises(WsimilError) as e:
-        trainer.method.setup(student, ctx)
+        method.setup(student, ctx)
     msg = str(e.value)
     assert "model: teacher has 'dsmil', this run 'abmil'" in msg and "classes" in msg
     assert "different training fold" in msg
-    trainer.method.opts["teacher_init"] = str(tmp_path / "base" / "nothing")
+    method.opts["teacher_init"] = str(tmp_path / "base" / "nothing")
     with pytest.raises(WsimilError, match="is not a folder"):
-        trainer.method.setup(student, ctx)
-    trainer.method.opts["teacher_init"] = str(tmp_path / "mhim" / "checkpoints")
+        method.setup(student, ctx)
+    method.opts["teacher_init"] = str(tmp_path / "mhim" / "checkpoints")
     with pytest.raises(WsimilError, match="no checkpoint for repeat 0 fold 1"):
-        trainer.method.setup(student, ctx)
+        method.setup(student, ctx)
 
 
 def test_survival_run(digit_cohort, tmp_path):

@@ -8,7 +8,8 @@ import yaml
 from wsimil.config import load_config
 from wsimil.errors import WsimilError
 from wsimil.evaluation.evaluate import evaluate_run
-from wsimil.methods.trainer import load_model, run_training
+from wsimil.methods.trainer import run_training
+from wsimil.run import load_model
 
 FAST = dict(
     epochs=4,
@@ -166,14 +167,13 @@ def test_method_interface_extra_heads_options_and_baseline_fold(digit_cohort, tm
     from dataclasses import replace
 
     from wsimil.methods.base import TrainingMethod, register_method
+    from wsimil.methods.options import MethodSpec, Option
 
     seen = {}
 
-    @register_method("_test_heads")
+    @register_method("_test_heads", MethodSpec("_test_heads", (Option("scale", float, 1.0, "head scale"),)))
     class Heads(TrainingMethod):
         """Test method: supervised loss, plus a second head that is the negated logits."""
-
-        defaults = {"scale": 1.0}
 
         def build(self, in_dim, n_classes):
             model = super().build(in_dim, n_classes)
@@ -218,3 +218,24 @@ def test_kept_epoch_has_trained_min_epochs(digit_cohort, tmp_path):
     for _, h in hist.groupby("fold"):
         assert h.best.sum() == 1 and int(h.epoch[h.best].iloc[0]) >= 3
         assert len(h) >= 4  # no stop before min_epochs
+
+
+def test_each_fold_builds_its_method_once(digit_cohort, tmp_path, monkeypatch):
+    """One method object per fold, passed along from option checks to training, evaluation and the checkpoint
+    (no extra objects for the label column, the option check or the primary head)."""
+    from wsimil.methods.supervised import Supervised
+
+    built = []
+    init = Supervised.__init__
+
+    def counting(self, cfg):
+        built.append(self)
+        init(self, cfg)
+
+    monkeypatch.setattr(Supervised, "__init__", counting)
+    feats, manifest = digit_cohort
+    run_training(load_config(model="abmil", **{**FAST, "epochs": 1}), feats, manifest, tmp_path / "run")
+    assert len(built) == FAST["folds"] and len({id(m) for m in built}) == FAST["folds"]
+    built.clear()  # a re-run reuses the checkpoints and still builds one method per fold
+    run_training(load_config(model="abmil", **{**FAST, "epochs": 1}), feats, manifest, tmp_path / "run")
+    assert len(built) == FAST["folds"]

@@ -10,9 +10,10 @@ from wsimil.config import load_config
 from wsimil.data.batching import pad_batch
 from wsimil.errors import WsimilError
 from wsimil.methods.base import Batch, create_method
-from wsimil.methods.trainer import load_model, run_training
+from wsimil.methods.trainer import run_training
 from wsimil.methods.weno import hard_positive_keep, pseudo_labels, student_loss
 from wsimil.models.weno import WENONet
+from wsimil.run import load_model
 
 SMALL = {"embed_dim": 16, "teacher_dims": [24], "attn_dim": 8, "student_dims": [32, 32]}
 

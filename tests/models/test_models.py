@@ -97,7 +97,8 @@ def test_every_parameter_gets_a_gradient(name):
     out = m(x, mask)
     terms = {"bag": torch.nn.functional.cross_entropy(out.logits, y), **m.aux_losses(out, y, mask)}
     sum(m.loss_weights.get(k, 0) * v for k, v in terms.items()).backward()
-    missing = [n for n, p in m.named_parameters() if p.grad is None]
+    by_method = getattr(m, "trained_by_method", ())  # e.g. the LRMIL student's instance head
+    missing = [n for n, p in m.named_parameters() if p.grad is None and not n.startswith(by_method)]
     assert not missing, missing
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from wsimil.errors import WsimilError, problems_error
+from wsimil.evaluation.tasks import get_task
 from wsimil.features.store import Bag, FeatureStore
 from wsimil.progress import track
 
@@ -44,13 +45,6 @@ class Manifest:
         return Manifest(idx, self.classes, self.path)
 
 
-def _sort_classes(values: list[str]) -> list[str]:
-    try:
-        return sorted(values, key=float)
-    except ValueError:
-        return sorted(values)
-
-
 def read_manifest(
     path: str | Path,
     classes: list[str] | None = None,
@@ -60,7 +54,8 @@ def read_manifest(
 ) -> Manifest:
     """Read and check a manifest CSV. ``classes`` fixes the class order (and rejects other labels); by default
     the sorted distinct labels (numerically if they are all numbers). ``task="survival"`` reads ``time,event``
-    instead of a label and makes ``y`` the quantile time bin (classes ``bin0…``)."""
+    instead of a label and makes ``y`` the quantile time bin (classes ``bin0…``); the task reads the labels
+    (:meth:`wsimil.evaluation.tasks.Task.read_labels`)."""
     path = Path(path)
     if not path.is_file():
         raise WsimilError(f"manifest {path} does not exist")
@@ -69,12 +64,13 @@ def read_manifest(
     except Exception as e:  # noqa: BLE001 - pandas raises several parser errors
         raise WsimilError(f"cannot read manifest {path}: {e}") from e
     df.columns = [c.strip() for c in df.columns]
-    survival = task == "survival"
-    missing = [c for c in (*REQUIRED, *(("time", "event") if survival else (label_column,))) if c not in df.columns]
+    kind = get_task(task)
+    columns = kind.label_columns(label_column)
+    missing = [c for c in (*REQUIRED, *columns) if c not in df.columns]
     if missing:
         raise WsimilError(
             f"manifest {path} lacks column(s) {', '.join(missing)}; found {', '.join(df.columns) or 'none'}. "
-            f"Expected at least case_id,slide_id,{'time,event' if survival else label_column}"
+            f"Expected at least case_id,slide_id,{','.join(columns)}"
         )
     df = df.copy()
     for c in df.columns:
@@ -90,34 +86,7 @@ def read_manifest(
     for sid in sorted(set(dup)):
         rows = [str(i + 2) for i in np.flatnonzero(df["slide_id"].to_numpy() == sid)]
         problems.append(f"slide {sid!r}: duplicate slide_id (rows {', '.join(rows)})")
-    if survival:
-        if problems:
-            raise problems_error(f"manifest {path} is invalid", problems)
-        from wsimil.evaluation.survival import add_survival_columns
-
-        df, classes = add_survival_columns(df, survival_bins, path)
-        return Manifest(df.reset_index(drop=True), classes, path)
-    for i, (sid, lab) in enumerate(zip(df["slide_id"], df[label_column], strict=True)):
-        if lab == "" or lab.lower() == "nan":
-            problems.append(f"slide {sid!r} (row {i + 2}): missing {label_column}")
-    present = [v for v in df[label_column] if v != "" and v.lower() != "nan"]
-    if classes is None:
-        classes = _sort_classes(sorted(set(present)))
-    else:
-        classes = [str(c) for c in classes]
-        for i, (sid, lab) in enumerate(zip(df["slide_id"], df[label_column], strict=True)):
-            if lab and lab.lower() != "nan" and lab not in classes:
-                problems.append(
-                    f"slide {sid!r} (row {i + 2}): unknown {label_column} {lab!r}; expected one of {classes}"
-                )
-    if problems:
-        raise problems_error(f"manifest {path} is invalid", problems)
-    if len(classes) < 2:
-        raise WsimilError(
-            f"manifest {path}: column {label_column!r} has a single class {classes}; training needs at least two"
-        )
-    index = {c: i for i, c in enumerate(classes)}
-    df["y"] = [index[v] for v in df[label_column]]
+    df, classes = kind.read_labels(df, label_column, classes, survival_bins, path, problems)
     return Manifest(df.reset_index(drop=True), classes, path)
 
 

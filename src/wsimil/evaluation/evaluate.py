@@ -7,9 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from wsimil.checkpoint import fold_checkpoints
 from wsimil.config import resolve_device
 from wsimil.data.batching import BagTensors, Standardizer
 from wsimil.data.manifest import load_cohort, read_manifest
@@ -18,8 +16,8 @@ from wsimil.evaluation.metrics import bootstrap_ci, instance_auc, nan_to_none
 from wsimil.evaluation.predict import predict
 from wsimil.features.store import FeatureStore
 from wsimil.io import write_csv, write_json
-from wsimil.methods.trainer import load_model
 from wsimil.progress import track
+from wsimil.run import RunDir, load_model
 from wsimil.threads import apply_threads, mil_step_elements
 
 
@@ -34,14 +32,12 @@ def evaluate_run(
     batch_size: int = 8,
     threads: int | str | None = None,
 ) -> dict:
-    run, out = Path(run), Path(out)
-    cfg_path = run / "config.yaml"
-    if not cfg_path.is_file():
-        raise WsimilError(f"{run} is not a wsimil run: {cfg_path} is missing")
-    cfg = yaml.safe_load(cfg_path.read_text())
-    ckpts = fold_checkpoints(run / "checkpoints")
+    rd, out = RunDir(run), Path(out)
+    run = rd.path
+    cfg = rd.read_config()
+    ckpts = rd.checkpoints()
     if not ckpts:
-        raise WsimilError(f"run {run} has no checkpoints in {run / 'checkpoints'}")
+        raise WsimilError(f"run {run} has no checkpoints in {rd.checkpoints_dir}")
     classes = cfg["classes"]
     man = read_manifest(manifest, classes, cfg.get("label_column", "label"))
     cohort = load_cohort(man, FeatureStore(features))

@@ -4,9 +4,9 @@ an encoder distilled from 20× and a student MIL taught by a 20× teacher.
 Steps, each usable on its own (see :mod:`wsimil.lrmil.pipeline` for the order, the fold policy and the outputs):
 
 - :mod:`~wsimil.lrmil.features` — HR features with per-layer summary tokens, LR features (``extract``);
-- :mod:`~wsimil.lrmil.teacher` — the HR teacher's logits and raw/softmax attention per fold (``dump_teacher``);
+- :mod:`wsimil.methods.teacher_dump` — the HR teacher's logits and raw/softmax attention per fold (``dump_teacher``);
 - :mod:`~wsimil.lrmil.stage1` — patch-level cross-resolution distillation (``train_stage1``);
-- :mod:`~wsimil.lrmil.method` — the stage-2 student as trainer method ``lrmil`` (``StudentABMIL``);
+- :mod:`wsimil.methods.lrmil` — the stage-2 student as trainer method ``lrmil`` (model ``lrmil_student``);
 - :mod:`~wsimil.lrmil.losses` — every loss as a pure function; :mod:`~wsimil.lrmil.taps` — timm
   ``forward_intermediates`` for CNNs and ViTs;
 - :mod:`~wsimil.lrmil.infer` / :mod:`~wsimil.lrmil.bundle` — the inference paths, their timing, the saved LR
@@ -31,7 +31,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:  # lazy: wsimil.methods imports wsimil.lrmil.method at start-up
+def __getattr__(name: str) -> Any:  # lazy: importing wsimil.lrmil.losses (wsimil.methods.lrmil) stays light
     if name in _EXPORTS:
         import importlib
 

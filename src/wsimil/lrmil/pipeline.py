@@ -54,7 +54,7 @@ from wsimil.lrmil.config import LRMILConfig, MILSettings
 from wsimil.lrmil.features import EncodeSettings, extract, final_fn, taps_fn
 from wsimil.lrmil.job import LRMILJob, links_dataset
 from wsimil.lrmil.taps import check_layers, default_layers, n_blocks
-from wsimil.lrmil.teacher import dump_covers, dump_hash, dump_teacher
+from wsimil.methods.teacher_dump import dump_covers, dump_hash, dump_teacher
 from wsimil.progress import console, make_progress
 from wsimil.threads import apply_threads
 
@@ -452,7 +452,7 @@ def time_run(cfg, j, teacher, sp, t_dir, out, encoders, lr_input, st, device) ->
     models; cached in ``timing.json`` under a key of the models."""
     from wsimil.lrmil.infer import SlidePipeline, time_paths
     from wsimil.lrmil.stage1 import load_student
-    from wsimil.methods.trainer import load_model
+    from wsimil.run import load_model
 
     slides = sp.test[: cfg.timing_slides]
     k = sp.fold

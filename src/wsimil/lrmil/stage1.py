@@ -41,7 +41,7 @@ from wsimil.features.patches import read_block
 from wsimil.lrmil.job import LRMILJob
 from wsimil.lrmil.losses import attention_feature_loss, layer_distill_loss, pool_children
 from wsimil.lrmil.taps import block_widths, forward_taps, freeze, make_student
-from wsimil.lrmil.teacher import read_dump
+from wsimil.methods.teacher_dump import read_dump
 
 OPEN_SLIDES = 16  # per worker: slide handles kept open
 

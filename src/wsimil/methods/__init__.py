@@ -1,7 +1,9 @@
-"""Training methods (strategies) run by one trainer: ``supervised`` now; MHIM, WENO, HMIL and LRMIL plug in here."""
+"""Training methods (strategies) run by one trainer: supervised, MHIM, WENO, HMIL and LRMIL stage 2.
 
-from wsimil.lrmil import method as _lrmil_method  # noqa: F401  (LRMIL stage 2: method "lrmil")
-from wsimil.methods import hmil, mhim, supervised, weno  # noqa: F401  (fill the registry)
+Each method's typed options live in :mod:`wsimil.methods.options`; importing this package registers every
+built-in method (``create_method(cfg)``, ``list_methods()``)."""
+
+from wsimil.methods import hmil, lrmil, mhim, supervised, weno  # noqa: F401  (fill the registry)
 from wsimil.methods.base import TrainingMethod, create_method, list_methods, register_method
 
 __all__ = ["TrainingMethod", "create_method", "list_methods", "register_method"]

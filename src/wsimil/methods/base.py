@@ -15,22 +15,24 @@ Everything a method needs beyond ``build``/``losses`` has a default, so a plain 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from wsimil.config import TrainConfig
-from wsimil.errors import WsimilError
+from wsimil.errors import WsimilError, problems_error
+from wsimil.evaluation.tasks import Task, get_task
+from wsimil.methods.options import MethodSpec, method_spec, register_spec
 from wsimil.models import MILModel, MILOutput, create_model
 
 if TYPE_CHECKING:
+    from wsimil.data.batching import Standardizer
     from wsimil.data.manifest import Manifest
-    from wsimil.methods.trainer import FoldContext
+    from wsimil.data.splits import Split
 
 
 @dataclass
@@ -57,6 +59,38 @@ class Batch:
     time: Tensor | None = None
 
 
+class FoldContext(Protocol):
+    """What a training method sees of one fold (the trainer's :class:`wsimil.methods.trainer.FoldContext`)."""
+
+    split: Split
+    train: np.ndarray  # positions in slide_ids
+    val: np.ndarray
+    test: np.ndarray
+    standardizer: Standardizer | None
+    seed: int
+
+    @property
+    def cfg(self) -> TrainConfig: ...
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def slide_ids(self) -> list[str]: ...
+
+    @property
+    def in_dim(self) -> int: ...
+
+    @property
+    def classes(self) -> list[str]: ...
+
+    def make_batch(self, idx: np.ndarray, gen: torch.Generator | None = None) -> Batch: ...
+
+    def train_batches(self, epoch: int, gen: torch.Generator) -> Iterator[Batch]: ...
+
+    def baseline(self, **overrides: Any) -> tuple[MILModel, Standardizer | None]: ...
+
+
 class TrainingMethod:
     """Builds the model(s) for one fold and turns a batch into named loss terms.
 
@@ -65,22 +99,27 @@ class TrainingMethod:
     """
 
     name = "base"
-    #: default options of ``cfg.method_kwargs``; unknown keys are rejected with the list of known ones
-    defaults: dict[str, Any] = {}
-    #: manifest column holding the label when the user leaves ``label_column`` at its default (HMIL: fine_label)
-    label_column: str | None = None
-    #: TrainConfig fields whose default this method changes (e.g. WENO: SGD, lr 1e-3); a value the user sets wins
-    config_defaults: dict[str, Any] = {}
-    #: True when ``cfg.model_kwargs`` configure the method's own network (HMIL, WENO), not the registry model
-    owns_model_kwargs: bool = False
+    #: the method's typed options and run-level settings (:mod:`wsimil.methods.options`), set by ``register_method``
+    spec: MethodSpec = MethodSpec("base")
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        unknown = sorted(set(cfg.method_kwargs) - set(self.defaults))
-        if unknown:
-            known = ", ".join(sorted(self.defaults)) or "none"
-            raise WsimilError(f"method {self.name!r} has no option(s) {', '.join(unknown)}; known options: {known}")
-        self.opts: dict[str, Any] = {**self.defaults, **cfg.method_kwargs}
+        spec = self.spec
+        if cfg.task not in spec.tasks:
+            raise WsimilError(f"method {self.name} supports task {' or '.join(spec.tasks)} only, not {cfg.task!r}")
+        problems = spec.problems(cfg.method_kwargs)
+        if len(problems) == 1:
+            raise WsimilError(problems[0])
+        if problems:
+            raise problems_error(f"invalid options for method {self.name!r}", problems)
+        #: the task (classification, survival): bag loss, validation and test metrics, label handling
+        self.task: Task = get_task(cfg.task)
+        self.opts: dict[str, Any] = {**spec.defaults, **spec.model_defaults.get(cfg.model, {}), **cfg.method_kwargs}
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Default options of ``cfg.method_kwargs`` (from :attr:`spec`)."""
+        return self.spec.defaults
 
     # -------------------------------------------------------------- run-level
     def prepare(self, manifest: Manifest) -> None:
@@ -105,12 +144,9 @@ class TrainingMethod:
         return [p for p in model.parameters() if p.requires_grad]
 
     def bag_loss(self, logits: Tensor, batch: Batch) -> Tensor:
-        """The task's bag loss: cross-entropy, or the discrete-time survival NLL for ``task: survival``."""
-        if self.cfg.task == "survival":
-            from wsimil.evaluation.survival import nll_survival_loss
-
-            return nll_survival_loss(logits, batch.y, batch.event)
-        return F.cross_entropy(logits, batch.y)
+        """The task's bag loss (:meth:`wsimil.evaluation.tasks.Task.loss`): cross-entropy, or the discrete-time
+        survival NLL for ``task: survival``."""
+        return self.task.loss(logits, batch.y, batch.event)
 
     def losses(self, model: MILModel, out: MILOutput, batch: Batch, epoch: int) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -159,40 +195,35 @@ class TrainingMethod:
 _METHODS: dict[str, Callable[[TrainConfig], TrainingMethod]] = {}
 
 
-def register_method(name: str):
+def register_method(name: str, spec: MethodSpec | None = None):
+    """Class decorator: register a method under ``name``. Its typed options and run-level settings are ``spec``,
+    or the built-in entry of :data:`wsimil.methods.options.METHOD_SPECS` (a method outside wsimil passes its own
+    ``spec``, which is then added to that table so configs see it too)."""
+
     def deco(cls):
+        nonlocal spec
+        if spec is None:
+            spec = method_spec(name)
+        if spec is None:
+            raise KeyError(f"method {name!r}: pass its MethodSpec (no built-in one in wsimil.methods.options)")
+        register_spec(replace(spec, name=name))
         _METHODS[name] = cls
-        cls.name = name
+        cls.name, cls.spec = name, method_spec(name)
         return cls
 
     return deco
 
 
 def list_methods() -> list[str]:
-    _load_builtin()
+    """Names of the registered methods (importing any ``wsimil.methods`` module registers the built-in ones)."""
     return sorted(_METHODS)
 
 
+def method_class(name: str) -> type[TrainingMethod]:
+    if name not in _METHODS:
+        raise WsimilError(f"unknown method {name!r}; available: {', '.join(list_methods())}")
+    return _METHODS[name]  # type: ignore[return-value]
+
+
 def create_method(cfg: TrainConfig) -> TrainingMethod:
-    _load_builtin()
-    if cfg.method not in _METHODS:
-        raise WsimilError(f"unknown method {cfg.method!r}; available: {', '.join(list_methods())}")
-    return _METHODS[cfg.method](cfg)
-
-
-def method_config_defaults(name: str) -> dict[str, Any]:
-    """The ``config_defaults`` of method ``name`` (empty for an unknown name, which ``create_method`` reports)."""
-    _load_builtin()
-    cls = _METHODS.get(name)
-    return dict(cls.config_defaults) if cls is not None else {}
-
-
-def method_owns_model_kwargs(name: str) -> bool:
-    """Whether method ``name`` passes ``model_kwargs`` to its own network rather than to ``create_model``."""
-    _load_builtin()
-    cls = _METHODS.get(name)
-    return bool(cls is not None and cls.owns_model_kwargs)
-
-
-def _load_builtin() -> None:
-    import wsimil.methods  # noqa: F401 - registers the built-in methods
+    return method_class(cfg.method)(cfg)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,13 +42,12 @@ import yaml
 from torch import Tensor
 
 from wsimil.errors import WsimilError, problems_error
-from wsimil.methods.base import Batch, TrainingMethod, register_method
+from wsimil.methods.base import Batch, FoldContext, TrainingMethod, register_method
 from wsimil.models.hmil import HierarchicalOutput, HMILNet, mapping_matrix, marginal_log_probs
 from wsimil.models.layers import masked_softmax
 
 if TYPE_CHECKING:
     from wsimil.data.manifest import Manifest
-    from wsimil.methods.trainer import FoldContext
 
 BETA_SCHEDULES = ("quadratic", "linear")
 TEMPERATURE_SCHEDULES = ("constant", "cosine")
@@ -274,29 +273,12 @@ def contrast_temperature(epoch: int, epochs: int, kind: str = "constant", low: f
 class HMIL(TrainingMethod):
     """HMIL: two-level class-wise attention, bag/attention alignment, SupCon, curriculum weights (fine_label)."""
 
-    owns_model_kwargs = True  # model_kwargs configure the method's own network
-
-    label_column = "fine_label"
     #: ``results.json`` also reports ``metrics`` (the fine level) as ``metrics_fine``
     primary_head = "fine"
-    defaults: dict[str, Any] = {
-        "hierarchy": None,  # YAML fine→coarse mapping; default: the manifest's coarse_label column
-        "lambda_ia": 1.0,  # attention matching weight
-        "lambda_ba": 1.0,  # bag alignment weight
-        "beta_schedule": "quadratic",  # quadratic: 1-(e/E)^2 | linear: 1-e/E
-        "temperature": 0.1,  # SupCon temperature (the low end of the cosine schedule)
-        "temperature_schedule": "constant",  # constant | cosine (official)
-        "temperature_max": 1.0,  # cosine schedule: temperature at the first and last epoch
-        "plateau_patience": 5,  # ReduceLROnPlateau on the training loss (0: off)
-        "plateau_factor": 0.1,
-    }
-    config_defaults: dict[str, Any] = {"lr": 1e-4, "batch_size": 16, "weight_decay": 0.0}
 
     def __init__(self, cfg):
         super().__init__(cfg)
         o = self.opts
-        if cfg.task != "classification":
-            raise WsimilError(f"method hmil supports task classification only, not {cfg.task!r}")
         if o["beta_schedule"] not in BETA_SCHEDULES:
             raise WsimilError(
                 f"method hmil: beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, got {o['beta_schedule']!r}"

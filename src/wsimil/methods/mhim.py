@@ -50,7 +50,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,12 +59,9 @@ from torch import Tensor, nn
 
 from wsimil.checkpoint import fold_checkpoint, load_checkpoint
 from wsimil.errors import WsimilError, problems_error
-from wsimil.methods.base import Batch, TrainingMethod, register_method
+from wsimil.methods.base import Batch, FoldContext, TrainingMethod, register_method
 from wsimil.models import MILModel
 from wsimil.models.layers import SCORE_KINDS, masked_softmax
-
-if TYPE_CHECKING:
-    from wsimil.methods.trainer import FoldContext
 
 #: what a backbone must provide for MHIM (ABMIL, gated ABMIL, TransMIL and DSMIL do)
 HOOKS = ("embed", "aggregate", "score_instances")
@@ -258,33 +255,8 @@ class RecycleNetwork(nn.Module):
 class MHIM(TrainingMethod):
     """MHIM-MIL: EMA teacher masks the easiest instances; the student learns from the hard ones (SPEC §2)."""
 
-    defaults: dict[str, Any] = {
-        "teacher_init": None,  # run folder of a trained baseline (same folds/seed); None: train one first
-        "baseline_epochs": None,  # epochs of the automatically trained baseline (None: the run's epochs)
-        "init_student_projection": False,  # copy the teacher's projection into the student (v1)
-        "score": "class_aware",  # attention (v1) | class_aware (v2)
-        "alpha": 0.5,  # weight of the consistency loss
-        "temperature": 0.1,  # teacher temperature of the consistency loss
-        "momentum": 0.9997,  # EMA momentum of the teacher
-        "cosine_momentum": False,  # cosine schedule of the momentum to 1 over the planned steps
-        "high_ratio": 0.01,  # β_h: fraction of top-scoring instances masked
-        "high_random_fraction": 1.0,  # f < 1: mask a random f of the top ⌈β_h N / f⌉ (0.5 = randomised high)
-        "high_decay": False,  # cosine decay of β_h to 0 over the planned steps
-        "low_ratio": 0.0,  # β_l: fraction of lowest-scoring instances masked
-        "random_ratio": 0.0,  # β_r: fraction of instances masked at random
-        "recycle_ratio": 0.8,  # fraction of the remaining instances recycled into tokens (0: no recycle network)
-        "recycle_tokens": 1,  # k global queries = appended tokens
-        "recycle_heads": 8,  # heads of the recycle cross-attention
-        "recycle_momentum": 0.9999,  # EMA momentum of the global queries
-    }
-    #: option defaults that depend on the backbone (``cfg.model``); options the user sets win
-    model_defaults: dict[str, dict[str, Any]] = {}
-    #: the official training uses a cosine learning-rate schedule (Adam, lr 2e-4, wd 1e-5 are the global defaults)
-    config_defaults = {"scheduler": "cosine"}
-
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.opts = {**self.defaults, **self.model_defaults.get(cfg.model, {}), **cfg.method_kwargs}
         _validate(self.name, self.opts)
         self.teacher: MILModel | None = None
         self.recycle: RecycleNetwork | None = None
@@ -327,7 +299,7 @@ class MHIM(TrainingMethod):
         if o["recycle_ratio"] > 0:
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 torch.manual_seed(seed)
-                dim = model.embed(torch.zeros(1, 1, ctx.trainer.cohort.in_dim, device=ctx.device)).shape[-1]
+                dim = model.embed(torch.zeros(1, 1, ctx.in_dim, device=ctx.device)).shape[-1]
                 self.recycle = RecycleNetwork(
                     dim, o["recycle_tokens"], o["recycle_heads"], momentum=o["recycle_momentum"]
                 ).to(ctx.device)
@@ -417,7 +389,7 @@ class MHIM(TrainingMethod):
         """The CE part and its terms: the task's bag loss and, for classification, the backbone's own terms mixed
         with ``model.loss_weights`` (as the supervised baseline does)."""
         bag = self.bag_loss(out.logits, batch)
-        if self.cfg.task == "survival":
+        if not self.task.uses_model_aux_losses:  # survival: the hazards' NLL alone
             return bag, {"bag": bag}
         terms = {"bag": bag, **model.aux_losses(out, batch.y, mask)}
         w = model.loss_weights
@@ -449,12 +421,12 @@ def load_teacher(run: Path, model: MILModel, ctx: FoldContext) -> MILModel:
             "baseline with the same folds, repeats, seed and validation fraction as this run"
         )
     ck = load_checkpoint(path, "teacher_init checkpoint")
-    cfg, t = ctx.cfg, ctx.trainer
+    cfg = ctx.cfg
     want = {
         "model": cfg.model,
         "model_kwargs": json.loads(json.dumps(cfg.model_kwargs)),  # as stored: tuples are lists
-        "in_dim": t.cohort.in_dim,
-        "classes": list(t.classes),
+        "in_dim": ctx.in_dim,
+        "classes": list(ctx.classes),
         "task": cfg.task,
     }
     have = {**{k: ck.get(k) for k in want}, "classes": list(ck.get("classes") or [])}
@@ -512,19 +484,7 @@ class MHIMv1(MHIM):
     80% low-score masking, no random masking, cosine momentum schedule.
     """
 
-    defaults = {
-        **MHIM.defaults,
-        "init_student_projection": True,
-        "score": "attention",
-        "alpha": 0.1,
-        "momentum": 0.9999,
-        "high_ratio": 0.01,
-        "high_random_fraction": 0.5,
-        "high_decay": True,
-        "random_ratio": 0.5,
-        "recycle_ratio": 0.0,
-    }
-    model_defaults = {"transmil": {"high_ratio": 0.03, "random_ratio": 0.0, "low_ratio": 0.8, "cosine_momentum": True}}
+    # its defaults are wsimil.methods.options.MHIM_V1
 
 
 @register_method("mhim_v2")
@@ -536,4 +496,4 @@ class MHIMv2(MHIM):
     into k = 1 token, query momentum 0.9999, α = 0.5, teacher m = 0.9997 constant.
     """
 
-    defaults = dict(MHIM.defaults)
+    # its defaults are MHIM's (wsimil.methods.options.MHIM_V2)

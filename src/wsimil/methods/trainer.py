@@ -1,7 +1,10 @@
 """One trainer for every method: cross-validation folds, mini-batches of bags, early stopping on validation,
-checkpoints, ``history.csv``, ``predictions.csv`` and ``results.json``.
+checkpoints, ``history.csv``, ``predictions.csv`` and ``results.json``. The run folder's layout is
+:class:`wsimil.run.RunDir`'s; the task (classification, survival) is asked for losses, metrics and label columns
+(:mod:`wsimil.evaluation.tasks`); each fold gets a fresh method object (:func:`wsimil.methods.create_method`).
 
-Outputs of ``run_training(cfg, features, manifest, out)``:
+Outputs of ``run_training(cfg, features, manifest, out)`` (the bundle is written by ``wsimil train``,
+:func:`wsimil.bundle.bundle_from_run`, not here):
 
 - ``config.yaml``: the resolved configuration (plus data paths, classes, feature width, version);
 - ``checkpoints/repeat{r}_fold{k}.safetensors``: per-fold weights and metadata, no pickle (a re-run with the
@@ -28,7 +31,6 @@ import pandas as pd
 import torch
 
 from wsimil import __version__
-from wsimil.checkpoint import SUFFIX, fold_checkpoint, load_checkpoint, save_checkpoint
 from wsimil.config import TrainConfig, resolve_device
 from wsimil.data.batching import BagTensors, Standardizer, epoch_order, pad_batch
 from wsimil.data.manifest import Cohort, Manifest, load_cohort, read_manifest
@@ -38,16 +40,17 @@ from wsimil.evaluation.metrics import (
     classification_metrics,
     instance_auc,
     nan_to_none,
-    pooled_oof,
     summarize,
     summarize_repeats,
 )
 from wsimil.evaluation.predict import predict
+from wsimil.evaluation.tasks import get_task
 from wsimil.features.store import FeatureStore
-from wsimil.io import write_csv, write_json, write_yaml
-from wsimil.methods.base import Batch, create_method
+from wsimil.methods.base import Batch, TrainingMethod, create_method, method_class
+from wsimil.methods.options import method_spec
 from wsimil.models import MILModel
 from wsimil.progress import console, make_progress
+from wsimil.run import RunDir
 from wsimil.threads import StepTuner, apply_threads, mil_step_elements
 
 
@@ -60,6 +63,7 @@ class FoldResult:
     history: list[dict]
     head_metrics: dict[str, dict] = field(default_factory=dict)  # {head: {metrics, ci}} for extra output heads
     risk: np.ndarray | None = None  # survival risk per test slide
+    method: TrainingMethod | None = None  # the fold's method object
 
 
 @dataclass
@@ -87,6 +91,14 @@ class FoldContext:
     def slide_ids(self) -> list[str]:
         return self.trainer.ids
 
+    @property
+    def in_dim(self) -> int:
+        return self.trainer.cohort.in_dim
+
+    @property
+    def classes(self) -> list[str]:
+        return self.trainer.classes
+
     def make_batch(self, idx: np.ndarray, gen: torch.Generator | None = None) -> Batch:
         """Pad, move and standardise the bags at positions ``idx`` (subsampled to ``max_instances`` with
         ``gen`` when given, as in training)."""
@@ -104,11 +116,7 @@ class FoldContext:
         if self.standardizer is not None:
             x = self.standardizer.apply_padded(x, mask, owned=len(xs) > 1)
         y = torch.as_tensor(t.labels[idx], device=t.device)
-        event = time_ = None
-        if t.events is not None:
-            event = torch.as_tensor(t.events[idx], dtype=torch.float32, device=t.device)
-            time_ = torch.as_tensor(t.times[idx], dtype=torch.float32, device=t.device)
-        return Batch(x, mask, y, np.asarray(idx), rows, event, time_)
+        return Batch(x, mask, y, np.asarray(idx), rows, **t.task.batch_extras(t.targets, idx, t.device))
 
     def train_batches(self, epoch: int, gen: torch.Generator) -> Iterator[Batch]:
         """The epoch's training mini-batches (class-balanced draws when configured)."""
@@ -122,8 +130,8 @@ class FoldContext:
         the teacher initialisation of MHIM-MIL. ``overrides`` change config fields (e.g. ``epochs``)."""
         t = self.trainer
         cfg = t.cfg.model_copy(update={"method": "supervised", "method_kwargs": {}, **overrides})
-        sub = Trainer(cfg, t.cohort, t.out / "baseline", t.device, t.manifest, t.bags)
-        model, std, _ = sub.train_fold(self.split, self.progress, label="baseline ")
+        sub = Trainer(cfg, t.cohort, t.run.baseline, t.device, t.manifest, t.bags)
+        model, std, _ = sub.train_fold(self.split, self.progress, label="baseline ")[:3]
         return model, std
 
 
@@ -138,63 +146,88 @@ def config_hash(cfg: TrainConfig, extra: dict) -> str:
 
 
 class Trainer:
-    """Trains ``cfg.method`` fold by fold on one cohort; ``run_fold`` = ``train_fold`` + test-set evaluation."""
+    """Trains ``cfg.method`` fold by fold on one cohort; ``run_fold`` = ``train_fold`` + test-set evaluation.
+
+    Each fold gets its own method object (built once, by :meth:`new_method`, and passed along), so no state of one
+    fold's method (teachers, caches) reaches the next."""
 
     def __init__(
         self,
         cfg: TrainConfig,
         cohort: Cohort,
-        out_dir: Path,
+        out_dir: str | Path | RunDir,
         device: str,
         manifest: Manifest | None = None,
         bags: BagTensors | None = None,
     ):
-        self.cfg, self.cohort, self.out, self.device = cfg, cohort, out_dir, device
+        self.cfg, self.cohort, self.device = cfg, cohort, device
+        self.run = out_dir if isinstance(out_dir, RunDir) else RunDir(out_dir)
         self.manifest = m = manifest if manifest is not None else cohort.manifest
         self.ids = m.slide_ids
         self.pos = {sid: i for i, sid in enumerate(self.ids)}
-        self.labels = m.labels
+        self.task = get_task(cfg.task)
+        self.targets = self.task.targets(m.df, m.labels)
+        self.labels = self.targets.labels
         self.classes = m.classes
         self.n_classes = len(m.classes)
-        self.events = m.df["event"].to_numpy(dtype=np.float32) if cfg.task == "survival" else None
-        self.times = m.df["time"].to_numpy(dtype=np.float32) if cfg.task == "survival" else None
         self.bags = bags if bags is not None else BagTensors(cohort, self.ids, pin_memory=device.startswith("cuda"))
         self.inst_labels = [cohort.bags[sid].instance_labels for sid in self.ids]
-        self.method = create_method(cfg)
-        self.method.prepare(m)
         self.hash = config_hash(cfg, {"classes": m.classes, "in_dim": cohort.in_dim})
         self.tuner: StepTuner | None = None  # times training steps to choose the thread count (threads: auto)
+        self._spare: TrainingMethod | None = None
+
+    @property
+    def out(self) -> Path:
+        return self.run.path
 
     @property
     def slide_ids(self) -> list[str]:
         return self.ids
 
+    def new_method(self) -> TrainingMethod:
+        """A fresh method object for one fold, prepared on the manifest (the one :meth:`check` built first)."""
+        if self._spare is not None:
+            method, self._spare = self._spare, None
+            return method
+        method = create_method(self.cfg)
+        method.prepare(self.manifest)
+        return method
+
+    def check(self) -> None:
+        """Fail on bad method or model options now, not after a fold of training (the method built here trains
+        the first fold)."""
+        method = self.new_method()
+        method.build(self.cohort.in_dim, self.n_classes)
+        self._spare = method
+
     # ------------------------------------------------------------------ one fold
-    def train_fold(self, split: Split, progress, label: str = "") -> tuple[MILModel, Standardizer | None, list[dict]]:
-        """Train on ``split`` (or load its checkpoint when the config hash matches); return the best model."""
+    def train_fold(
+        self, split: Split, progress, label: str = "", method: TrainingMethod | None = None
+    ) -> tuple[MILModel, Standardizer | None, list[dict], TrainingMethod]:
+        """Train on ``split`` (or load its checkpoint when the config hash matches) with ``method`` (default: a
+        new one); return the best model, its standardiser, the history and the method."""
         cfg = self.cfg
-        ckpt_path = fold_checkpoint(self.out / "checkpoints", split.repeat, split.fold)
+        method = method if method is not None else self.new_method()
         ctx = self._context(split, progress)
         torch.manual_seed(ctx.seed)
-        model = self.method.build(self.cohort.in_dim, self.n_classes).to(self.device)
+        model = method.build(self.cohort.in_dim, self.n_classes).to(self.device)
         history: list[dict] = []
         task = progress.add_task(f"{label}repeat {split.repeat} fold {split.fold}", total=cfg.epochs, info="")
         try:
-            if ckpt_path.is_file():
-                ck = load_checkpoint(ckpt_path)
-                if ck.get("config_hash") == self.hash:
-                    model.load_state_dict(ck["state_dict"])
-                    return model, Standardizer.from_state(ck.get("standardizer")), ck.get("history", [])
-            self.method.setup(model, ctx)
-            history = self._fit(model, ctx, progress, task)
-            self._save_checkpoint(ckpt_path, model, ctx.standardizer, split, history)
-            return model, ctx.standardizer, history
+            ck = self.run.load_fold_checkpoint(split.repeat, split.fold)
+            if ck is not None and ck.get("config_hash") == self.hash:
+                model.load_state_dict(ck["state_dict"])
+                return model, Standardizer.from_state(ck.get("standardizer")), ck.get("history", []), method
+            method.setup(model, ctx)
+            history = self._fit(model, method, ctx, progress, task)
+            self._save_checkpoint(model, method, ctx.standardizer, split, history)
+            return model, ctx.standardizer, history, method
         finally:
             progress.remove_task(task)
 
     def run_fold(self, split: Split, progress) -> FoldResult:
         cfg = self.cfg
-        model, std, history = self.train_fold(split, progress)
+        model, std, history, method = self.train_fold(split, progress)
         te = np.array([self.pos[s] for s in split.test], dtype=int)
         seed = fold_seed(cfg.seed, split.repeat, split.fold)
         pred = predict(
@@ -206,31 +239,17 @@ class Trainer:
             cfg.eval_batch_size,
             with_instances=self.cohort.has_instance_labels,
         )
-        risk = None
-        if cfg.task == "survival":
-            metrics, ci, risk = self._survival_metrics(te, pred, seed)
-        else:
-            metrics = classification_metrics(self.labels[te], pred.probs)
-            ci = bootstrap_ci(self.labels[te], pred.probs, cfg.bootstrap, seed) if cfg.bootstrap else None
+        scores = self.task.test_scores(self.targets, te, pred, cfg.bootstrap, seed)
+        metrics = scores.metrics
         if pred.instance_scores is not None:
             metrics["instance_auc"] = instance_auc(pred.instance_scores, [self.inst_labels[i] for i in te])
         heads = {}
         for head, probs in (pred.extra_probs or {}).items():
-            y, _ = self.method.head_labels(head, [self.ids[i] for i in te], self.labels[te], self.classes)
+            y, _ = method.head_labels(head, [self.ids[i] for i in te], self.labels[te], self.classes)
             heads[head] = {"metrics": classification_metrics(y, probs)}
             if cfg.bootstrap:
                 heads[head]["ci"] = bootstrap_ci(y, probs, cfg.bootstrap, seed)
-        return FoldResult(split, pred.probs, metrics, ci, history, heads, risk)
-
-    def _survival_metrics(self, te: np.ndarray, pred, seed: int) -> tuple[dict, dict | None, np.ndarray]:
-        from wsimil.evaluation.survival import bootstrap_cindex, concordance_index, risk_from_logits
-
-        risk = risk_from_logits(pred.logits)
-        metrics = {"c_index": concordance_index(self.times[te], self.events[te], risk)}
-        ci = None
-        if self.cfg.bootstrap:
-            ci = {"c_index": bootstrap_cindex(self.times[te], self.events[te], risk, self.cfg.bootstrap, seed)}
-        return metrics, ci, risk
+        return FoldResult(split, pred.probs, metrics, scores.ci, history, heads, scores.risk, method)
 
     def _context(self, split: Split, progress) -> FoldContext:
         cfg = self.cfg
@@ -245,18 +264,10 @@ class Trainer:
         pv = predict(
             model, self.bags.take(va), self.device, self.labels[va], ctx.standardizer, self.cfg.eval_batch_size
         )
-        if self.cfg.task == "survival":
-            from wsimil.evaluation.survival import concordance_index, nll_survival_loss, risk_from_logits
+        return self.task.validation(self.targets, va, pv)
 
-            logits = torch.as_tensor(pv.logits)
-            y, ev = torch.as_tensor(self.labels[va]), torch.as_tensor(self.events[va])
-            c = concordance_index(self.times[va], self.events[va], risk_from_logits(pv.logits))
-            # val_auc carries the c-index so that monitor: val_auc selects on it
-            return {"val_loss": float(nll_survival_loss(logits, y, ev)), "val_auc": c}
-        return {"val_loss": pv.loss, "val_auc": classification_metrics(self.labels[va], pv.probs)["auc"]}
-
-    def _fit(self, model: MILModel, ctx: FoldContext, progress, task) -> list[dict]:
-        cfg, method, split = self.cfg, self.method, ctx.split
+    def _fit(self, model: MILModel, method: TrainingMethod, ctx: FoldContext, progress, task) -> list[dict]:
+        cfg, split = self.cfg, ctx.split
         opt = _optimizer(cfg, method.parameters(model))
         hooks = self.tuner.attach(model, opt) if self.tuner else []
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs) if cfg.scheduler == "cosine" else None
@@ -301,13 +312,13 @@ class Trainer:
                 row["best"] = row["epoch"] == best_epoch
         return history
 
-    def _save_checkpoint(self, path: Path, model, std, split: Split, history: list[dict]) -> None:
+    def _save_checkpoint(self, model, method: TrainingMethod, std, split: Split, history: list[dict]) -> None:
         ck = {
             "model": self.cfg.model,
             "model_kwargs": self.cfg.model_kwargs,
             "method": self.cfg.method,
             "method_kwargs": self.cfg.method_kwargs,
-            "method_state": self.method.state(),
+            "method_state": method.state(),
             "task": self.cfg.task,
             "in_dim": self.cohort.in_dim,
             "n_classes": self.n_classes,
@@ -320,10 +331,7 @@ class Trainer:
             "history": history,
             "wsimil_version": __version__,
         }
-        new = path.with_suffix(SUFFIX)
-        save_checkpoint(new, ck)
-        if path != new:  # a wsimil 0.1 checkpoint of this fold was retrained: keep one file per fold
-            path.unlink(missing_ok=True)
+        self.run.save_fold(split.repeat, split.fold, ck)
 
 
 def _optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -346,31 +354,18 @@ def _info(row: dict) -> str:
     return " ".join(parts)
 
 
-def load_model(ckpt_path: str | Path, device: str = "cpu") -> tuple[MILModel, dict]:
-    """Rebuild a fold's model from its checkpoint; returns ``(model, checkpoint dict)``. The file is read without
-    unpickling (:func:`wsimil.checkpoint.load_checkpoint`)."""
-    ck = load_checkpoint(ckpt_path)
-    cfg = TrainConfig(
-        model=ck["model"],
-        model_kwargs=ck.get("model_kwargs", {}),
-        method=ck.get("method", "supervised"),
-        method_kwargs=ck.get("method_kwargs", {}),
-        task=ck.get("task", "classification"),
-    )
-    method = create_method(cfg)
-    method.restore(ck.get("method_state") or {})
-    model = method.build(ck["in_dim"], ck["n_classes"])
-    model.load_state_dict(ck["state_dict"])
-    return model.to(device).eval(), ck
+def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, out: str | Path | RunDir) -> dict:
+    """Train ``cfg.model`` with ``cfg.method`` over the configured folds; write the run folder; return results.
 
-
-def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, out: str | Path) -> dict:
-    """Train ``cfg.model`` with ``cfg.method`` over the configured folds; write the run folder; return results."""
-    out = Path(out)
+    The run's bundle (``RUN/bundle``) is not written here: ``wsimil train`` writes it after training
+    (:func:`wsimil.bundle.bundle_from_run`)."""
+    run = out if isinstance(out, RunDir) else RunDir(out)
     device = resolve_device(cfg.device)
+    task = get_task(cfg.task)
     label_column = cfg.label_column
-    if label_column == "label" and create_method(cfg).label_column:
-        label_column = create_method(cfg).label_column
+    spec = method_spec(cfg.method)
+    if label_column == "label" and spec is not None and spec.label_column:
+        label_column = spec.label_column
     man = read_manifest(manifest, cfg.classes, label_column, cfg.task, cfg.survival_bins)
     store = FeatureStore(features)
     cohort = load_cohort(man, store, max_memory_gb=cfg.max_memory_gb)  # missing or bad slides first, then splits
@@ -381,11 +376,9 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
     )
     steps = mil_step_elements(cohort.lengths.values(), cohort.in_dim, cfg.batch_size, cfg.max_instances)
     threads = apply_threads(cfg.threads, "mil", elements=steps)
-    # fail on bad model or method options now, not after a fold of training
-    trainer = Trainer(cfg, cohort, out, device, man)
+    trainer = Trainer(cfg, cohort, run, device, man)
+    trainer.check()
     trainer.tuner = StepTuner.for_plan(threads)
-    trainer.method.build(cohort.in_dim, len(man.classes))
-    out.mkdir(parents=True, exist_ok=True)
     resolved = {
         **cfg.model_dump(mode="json"),
         "label_column": label_column,  # the column actually read (a method may default it, e.g. HMIL)
@@ -397,15 +390,15 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
         "wsimil_version": __version__,
         "threads_resolved": threads.to_dict(),  # what `threads` resolved to on this machine, and why
     }
-    write_yaml(out / "config.yaml", resolved)
+    run.write_config(resolved)
     results: list[FoldResult] = []
     console.print(
         f"Training [bold]{cfg.model}[/] ({cfg.method}) on {len(man.slide_ids)} slides, "
-        f"{len(splits)} split(s), device {device} → {out}"
+        f"{len(splits)} split(s), device {device} → {run.path}"
     )
     with make_progress() as progress:
         overall = progress.add_task("folds", total=len(splits), info="")
-        key = "c_index" if cfg.task == "survival" else "auc"
+        key = task.primary_metric
         for s in splits:
             results.append(trainer.run_fold(s, progress))
             last = _nan_to(results[-1].metrics[key], float("nan"))
@@ -416,13 +409,10 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
         for j, (sid, p) in enumerate(zip(r.split.test, r.probs, strict=True)):
             i = trainer.pos[sid]
             row = {"slide_id": sid, "repeat": r.split.repeat, "fold": r.split.fold}
-            if cfg.task == "survival":
-                row.update(time=float(trainer.times[i]), event=int(trainer.events[i]), risk=float(r.risk[j]))
-            else:
-                row["label"] = man.classes[int(trainer.labels[i])]
+            row.update(task.prediction_row(trainer.targets, i, man.classes, None if r.risk is None else r.risk[j]))
             rows.append({**row, **{f"prob_{c}": float(v) for c, v in zip(man.classes, p, strict=True)}})
-    write_csv(out / "predictions.csv", pd.DataFrame(rows))
-    write_csv(out / "history.csv", pd.DataFrame([h for r in results for h in r.history]))
+    run.write_predictions(pd.DataFrame(rows))
+    run.write_history(pd.DataFrame([h for r in results for h in r.history]))
     payload = {
         "metrics": summarize([r.metrics for r in results]),
         "folds": [
@@ -439,12 +429,12 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
         ],
         "config": resolved,
     }
-    if cfg.task != "survival" and cfg.bootstrap:  # folds too small for a CI of their own still pool into one
-        te = np.array([trainer.pos[s] for r in results for s in r.split.test], dtype=int)
-        reps = np.concatenate([np.full(len(r.split.test), r.split.repeat) for r in results])
-        probs = np.concatenate([r.probs for r in results])
-        payload["pooled"] = pooled_oof(trainer.labels[te], probs, reps, cfg.bootstrap, cfg.seed)
-    primary = getattr(trainer.method, "primary_head", None)  # e.g. HMIL: "metrics" are the fine level's
+    te = np.array([trainer.pos[s] for r in results for s in r.split.test], dtype=int)
+    reps = np.concatenate([np.full(len(r.split.test), r.split.repeat) for r in results])
+    pooled = task.pooled(trainer.targets, te, np.concatenate([r.probs for r in results]), reps, cfg.bootstrap, cfg.seed)
+    if pooled is not None:
+        payload["pooled"] = pooled
+    primary = getattr(method_class(cfg.method), "primary_head", None)  # e.g. HMIL: "metrics" are the fine level's
     if primary:
         payload[f"metrics_{primary}"] = payload["metrics"]
     for head in sorted({h for r in results for h in r.head_metrics}):
@@ -459,8 +449,5 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
     if trainer.tuner:
         payload["threads_tuned"] = trainer.tuner.summary()  # the thread counts the timed probes chose
     payload = nan_to_none(payload)
-    write_json(out / "results.json", payload)
-    from wsimil.bundle import bundle_from_run
-
-    bundle_from_run(out)  # RUN/bundle/: everything `wsimil predict` needs (wsimil.bundle)
+    run.write_results(payload)
     return payload

@@ -31,7 +31,7 @@ Class index 1 is the positive class (the second entry of ``classes``); WENO is b
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,12 +39,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wsimil.errors import WsimilError
-from wsimil.methods.base import Batch, TrainingMethod, register_method
+from wsimil.methods.base import Batch, FoldContext, TrainingMethod, register_method
 from wsimil.models.weno import TeacherOutput, WENONet
 
 if TYPE_CHECKING:
     from wsimil.data.manifest import Manifest
-    from wsimil.methods.trainer import FoldContext
 
 MINING = ("threshold", "lowest", "none")
 
@@ -101,27 +100,6 @@ def hard_positive_keep(
 class WENO(TrainingMethod):
     """WENO: teacher (abmil|dsmil via --model) and instance student distil each other through a shared encoder."""
 
-    owns_model_kwargs = True  # model_kwargs configure the method's own network
-
-    defaults: dict[str, Any] = {
-        "warmup": 10,  # epochs before the student mines positive bags for the teacher
-        "mining": "threshold",  # threshold | lowest | none
-        "threshold": 0.5,  # mining=threshold: hide instances with student p > threshold
-        "keep_k": None,  # mining=lowest: keep the keep_k lowest-scored instances
-        "neg_weight": 0.1,  # w of the student loss
-        "instance_batch": 512,  # student mini-batch size (instances)
-        "pool_instances": 500_000,  # most instances shuffled together in the student phase
-    }
-    #: the official optimiser; model selection on validation AUC, because the student's max-pooled bag probability
-    #: is biased upwards by the asymmetric student loss (its validation cross-entropy says little)
-    config_defaults: dict[str, Any] = {
-        "optimizer": "sgd",
-        "lr": 1e-3,
-        "momentum": 0.0,
-        "weight_decay": 0.0,
-        "monitor": "val_auc",
-    }
-
     def __init__(self, cfg):
         super().__init__(cfg)
         o = self.opts
@@ -135,8 +113,6 @@ class WENO(TrainingMethod):
             raise WsimilError("method weno: instance_batch and pool_instances must be at least 2")
 
     def prepare(self, manifest: Manifest) -> None:
-        if self.cfg.task != "classification":
-            raise WsimilError(f"method weno supports task classification only, not {self.cfg.task!r}")
         if len(manifest.classes) != 2:
             raise WsimilError(
                 f"method weno is binary (negative/positive bags), but the labels have {len(manifest.classes)} "

@@ -1,6 +1,7 @@
 """Step 5 of LRMIL: the stage-2 student, a training method of the shared trainer (``method: lrmil``).
 
-The student is ABMIL on LR features with an extra instance head ``inst = Linear(E, 2)`` (:class:`StudentABMIL`).
+The student is ABMIL on LR features with an extra instance head ``inst = Linear(E, C)`` (model ``lrmil_student``,
+:class:`wsimil.models.lrmil_student.StudentABMIL`; the instance loss reads it as first class vs the others).
 Per bag (SPEC §1 stage 2)::
 
     g_r = mean_{j ∈ children(r)} e^T_j            (option max; 0 when r has no HR child)
@@ -12,7 +13,7 @@ The pseudo-labelled instances fit the bag (:func:`wsimil.lrmil.losses.instance_t
 top-guidance instances holding half the teacher's attention mass (at most 10% of the bag) → 1 and as many from
 the bottom → 0; in negative bags the top-guidance instances → 0. ``instance_targets: paper`` gives SPEC's rule
 (top 4 → 1, bottom 4 → 0 in every bag). ``y_T``, ``e^T`` come from the fold teacher's dump
-(:mod:`wsimil.lrmil.teacher`); the links from the tiling job.
+(:mod:`wsimil.methods.teacher_dump`); the links from the tiling job.
 Defaults **[SPEC decision]**: all λ = 1, T = 1, Adam lr 1e-4, early stopping on validation (SPEC: AUC; ``wsimil
 lrmil`` monitors the validation loss by default, see :mod:`wsimil.lrmil.config`).
 
@@ -30,38 +31,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from wsimil.errors import WsimilError
 from wsimil.lrmil.losses import attention_kd_loss, bag_kd_loss, children_attention, instance_loss
-from wsimil.lrmil.teacher import read_dump
 from wsimil.methods.base import Batch, TrainingMethod, register_method
-from wsimil.models import MILModel, MILOutput
-from wsimil.models.abmil import ABMIL
-from wsimil.models.base import full_mask
-from wsimil.models.layers import masked_softmax
-
-
-class StudentABMIL(ABMIL):
-    """ABMIL (Ilse et al. 2018) plus an instance head: ``instance_logits = inst(h) (B, N, 2)`` on the projected
-    instances ``h = proj(x)``. Bag outputs are ABMIL's."""
-
-    def __init__(self, in_dim: int, n_classes: int, **kw):
-        super().__init__(in_dim, n_classes, **kw)
-        self.instance_head = nn.Linear(self.classifier.in_features, 2)
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> MILOutput:
-        m = full_mask(x, mask)
-        h = self.proj(x)
-        e = self.attention(h).squeeze(-1)
-        a = masked_softmax(e, m)
-        z = (a.unsqueeze(1) @ h).squeeze(1)
-        return MILOutput(
-            logits=self.classifier(z),
-            bag_embedding=z,
-            attention_logits=e.masked_fill(~m, float("-inf")),
-            instance_logits=self.instance_head(h),
-        )
+from wsimil.methods.teacher_dump import read_dump
+from wsimil.models import MILModel, MILOutput, create_model
 
 
 @register_method("lrmil")
@@ -70,30 +46,9 @@ class LRMILStudent(TrainingMethod):
 
     Bag-logit KD, attention KD and a top/bottom-k instance loss; needs the options teacher_dump and links_dir."""
 
-    defaults = {
-        "teacher_dump": None,  # HDF5 written by wsimil.lrmil.teacher.dump_teacher for this fold
-        "links_dir": None,  # JOB/links
-        "links_dataset": "links_5x_20x",
-        "lambda_ce": 1.0,
-        "lambda_bag": 1.0,
-        "lambda_soft": 1.0,
-        "lambda_hard": 1.0,
-        "t_bag": 1.0,
-        "t_attn": 1.0,
-        "instance_targets": "mass",  # mass | fraction | fixed | paper (see wsimil.lrmil.losses)
-        "topk": 4,  # k of fixed / paper
-        "instance_mass": 0.5,
-        "instance_frac": 0.02,
-        "instance_max_frac": 0.1,
-        "teacher_agg": "mean",
-    }
-    config_defaults = {"lr": 1e-4}
-
     def __init__(self, cfg):
         super().__init__(cfg)
         o = self.opts
-        if cfg.task != "classification":
-            raise WsimilError("method 'lrmil' supports classification only")
         if o["teacher_agg"] not in ("mean", "max"):
             raise WsimilError(f"lrmil option teacher_agg must be 'mean' or 'max', not {o['teacher_agg']!r}")
         if int(o["topk"]) < 1:
@@ -119,7 +74,8 @@ class LRMILStudent(TrainingMethod):
             raise WsimilError(
                 f"method 'lrmil' trains an ABMIL student (model abmil or gated_abmil), not {self.cfg.model!r}"
             )
-        return StudentABMIL(in_dim, n_classes, gated=self.cfg.model == "gated_abmil", **self.cfg.model_kwargs)
+        gated = self.cfg.model == "gated_abmil"
+        return create_model("lrmil_student", in_dim, n_classes, gated=gated, **self.cfg.model_kwargs)
 
     def setup(self, model: MILModel, ctx) -> None:
         o = self.opts
@@ -175,8 +131,11 @@ class LRMILStudent(TrainingMethod):
         """The instance head's loss on pseudo-labelled instances (``instance_targets``; positive = not class 0)."""
         o = self.opts
         mode = o["instance_targets"]
+        z = out.instance_logits  # (B, N, C) → (B, N, 2): first class vs any other (the same logits when C = 2)
+        if z.shape[-1] > 2:
+            z = torch.stack([z[..., 0], z[..., 1:].logsumexp(-1)], -1)
         return instance_loss(
-            out.instance_logits,
+            z,
             g,
             batch.mask,
             batch.y != 0,

@@ -1,4 +1,5 @@
-"""Step 2 of LRMIL: the HR teacher's per-slide outputs, dumped once per fold for the distillation steps.
+"""The teacher dump of LRMIL (step 2): the HR teacher's per-slide outputs, written once per fold by the recipe
+(:mod:`wsimil.lrmil.pipeline`) and read by the stage-2 method (:mod:`wsimil.methods.lrmil`) and stage 1.
 
 ``dump_teacher`` runs a trained fold teacher (a trainer checkpoint: ABMIL on HR features, selected on validation
 AUC) over slides and writes one HDF5 file per fold::
@@ -32,8 +33,8 @@ def dump_teacher(
     checkpoint: str | Path, features: str | Path, slide_ids: list[str], out: str | Path, device: str = "cpu"
 ) -> Path:
     """Write the teacher's logits and raw/softmax attention for ``slide_ids`` (HR features in ``features``)."""
-    from wsimil.methods.trainer import load_model
     from wsimil.progress import track
+    from wsimil.run import load_model  # not at import time: wsimil.run imports the method registry
 
     model, ck = load_model(checkpoint, device)
     if ck["model"] not in TEACHER_MODELS:
