@@ -32,7 +32,13 @@ import torch
 
 from wsimil import __version__
 from wsimil.config import TrainConfig, resolve_device
-from wsimil.data.batching import BagTensors, Standardizer, epoch_order, pad_batch
+from wsimil.data.batching import (
+    BagTensors,
+    Standardizer,
+    epoch_order,
+    folded_inputs,
+    pad_batch,
+)
 from wsimil.data.manifest import Cohort, Manifest, load_cohort, read_manifest
 from wsimil.data.splits import Split, kfold_splits, read_splits
 from wsimil.evaluation.metrics import (
@@ -78,6 +84,7 @@ class FoldContext:
     standardizer: Standardizer | None
     seed: int
     progress: Any = None
+    folded: bool = False  # True while the standardiser is folded into the models' input layers: batches stay raw
 
     @property
     def cfg(self) -> TrainConfig:
@@ -113,7 +120,7 @@ class FoldContext:
             xs.append(bag.to(t.device, non_blocking=True))
             rows.append(kept)
         x, mask = pad_batch(xs)
-        if self.standardizer is not None:
+        if self.standardizer is not None and not self.folded:
             x = self.standardizer.apply_padded(x, mask, owned=len(xs) > 1)
         y = torch.as_tensor(t.labels[idx], device=t.device)
         return Batch(x, mask, y, np.asarray(idx), rows, **t.task.batch_extras(t.targets, idx, t.device))
@@ -277,7 +284,8 @@ class Trainer:
         for epoch in range(cfg.epochs):
             t0 = time.perf_counter()
             model.train()
-            terms = method.fit_epoch(model, opt, ctx, epoch, gen)
+            with folded_inputs(ctx, model, method):
+                terms = method.fit_epoch(model, opt, ctx, epoch, gen)
             if sched is not None:
                 sched.step()
             row = {

@@ -22,6 +22,8 @@ class ABMIL(MILModel):
     Shapes: ``x (B, N, D)`` → logits ``(B, C)``, attention_logits ``(B, N)`` (raw ``e``, ``-inf`` on padding).
     """
 
+    input_layer = "proj.0"  # x is read by the projection only
+
     def __init__(
         self,
         in_dim: int,

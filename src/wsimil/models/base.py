@@ -56,8 +56,23 @@ class MILModel(nn.Module):
     #: which output scores instances for instance AUC and heatmaps: "attention" or "instance" (logits)
     instance_score: str = "attention"
 
+    #: dotted name of the ``nn.Linear`` that is the only reader of the raw features ``x``, or None
+    input_layer: str | None = None
+
     def aux_losses(self, out: MILOutput, y: Tensor, mask: Tensor) -> dict[str, Tensor]:
         return {}
+
+    def input_linear(self) -> nn.Linear | None:
+        """The ``Linear`` named by ``input_layer`` (None when unset or absent, e.g. an empty projection). A feature
+        standardisation can be folded into its weights (:func:`wsimil.data.batching.folded_standardizer`)
+        instead of costing a pass over every bag."""
+        if self.input_layer is None:
+            return None
+        try:
+            layer = self.get_submodule(self.input_layer)
+        except AttributeError:
+            return None
+        return layer if isinstance(layer, nn.Linear) else None
 
 
 _REGISTRY: dict[str, Callable[..., MILModel]] = {}

@@ -65,6 +65,8 @@ class CLAM(MILModel):
 
     loss_weights = {"bag": 0.7, "instance": 0.3}
 
+    input_layer = "proj.0"  # x is read by the projection only
+
     def __init__(
         self,
         in_dim: int,

@@ -23,6 +23,8 @@ class DSMIL(MILModel):
 
     loss_weights = {"bag": 0.0, "bag_stream": 0.5, "max_instance": 0.5}
 
+    input_layer = "proj.0"  # x is read by the projection only
+
     def __init__(
         self,
         in_dim: int,

@@ -13,6 +13,8 @@ class MeanPoolMIL(MILModel):
     """Project instances, average them (ignoring padding), classify. Instance logits are the classifier applied
     to each instance, so the bag logits equal their masked mean."""
 
+    input_layer = "proj.0"  # x is read by the projection only
+
     def __init__(self, in_dim: int, n_classes: int, hidden_dims=(512,), dropout: float = 0.25):
         super().__init__()
         self.proj = projection(in_dim, hidden_dims, dropout)
@@ -30,6 +32,8 @@ class MaxPoolMIL(MILModel):
     """Instance-level max pooling (mi-Net). For two classes the instance head gives one score ``s_i`` and the bag
     logits are ``[0, max_i s_i]``, so only positive evidence can make a bag positive (the standard MIL
     assumption). For more classes each class logit is the max over instances of that class's logit."""
+
+    input_layer = "proj.0"  # x is read by the projection only
 
     def __init__(self, in_dim: int, n_classes: int, hidden_dims=(512,), dropout: float = 0.25):
         super().__init__()

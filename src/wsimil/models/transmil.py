@@ -67,6 +67,8 @@ class TransMIL(MILModel):
 
     permutation_invariant = False
 
+    input_layer = "proj.0"  # x is read by the projection only
+
     def __init__(
         self,
         in_dim: int,
