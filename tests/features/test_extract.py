@@ -61,7 +61,7 @@ def test_extract_cli_writes_trident_features_and_resumes(job, tmp_path):
     res = runner.invoke(app, args)
     assert res.exit_code == 0 and "skipped 2" in res.output and (fdir / "s40.h5").stat().st_mtime_ns == mtime
     # batch size and workers do not change the features
-    res = runner.invoke(app, [*args, "--batch-size", "64", "--workers", "2", "--overwrite"])
+    res = runner.invoke(app, [*args, "--batch-size", "64", "--loader-workers", "2", "--overwrite"])
     assert res.exit_code == 0, res.output
     np.testing.assert_allclose(store.read("s40").features, bag.features, rtol=1e-4, atol=1e-5)
 

@@ -35,8 +35,8 @@ from wsimil import __version__
 from wsimil.claims import CLAIM_TIMEOUT, remove_orphans, try_claim
 from wsimil.errors import WsimilError
 from wsimil.features.encoders import Encoder, create_encoder, sha256_file
+from wsimil.features.extract import EncodeSettings
 from wsimil.io import write_json
-from wsimil.lrmil.features import EncodeSettings
 from wsimil.lrmil.infer import SlidePipeline
 from wsimil.slide.job import SlideSpec, TileSettings, collect_slides
 

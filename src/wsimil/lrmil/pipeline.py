@@ -49,13 +49,15 @@ from wsimil.data.manifest import read_manifest
 from wsimil.data.splits import Split, kfold_splits
 from wsimil.evaluation.metrics import nan_to_none, summarize
 from wsimil.features.encoders import Encoder, create_encoder
+from wsimil.features.extract import EncodeSettings, final_fn
 from wsimil.io import write_csv, write_json, write_text, write_yaml
 from wsimil.lrmil.config import LRMILConfig, MILSettings
-from wsimil.lrmil.features import EncodeSettings, extract, final_fn, taps_fn
-from wsimil.lrmil.job import LRMILJob, links_dataset
+from wsimil.lrmil.features import extract, taps_fn
+from wsimil.lrmil.job import LRMILJob
 from wsimil.lrmil.taps import check_layers, default_layers, n_blocks
 from wsimil.lrmil.teacher import dump_covers, dump_hash, dump_teacher
 from wsimil.progress import console, make_progress
+from wsimil.slide.tiling_job import links_dataset
 from wsimil.threads import apply_threads
 
 STEPS = ("hr_features", "teacher", "baseline", "stage1", "lr_features", "student", "timing", "bundle")
