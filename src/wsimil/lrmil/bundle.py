@@ -183,7 +183,7 @@ class LRMILBundle:
 
         entry = self._entry(fold)
         if entry["encoder"] is None:  # stage 1 ablated: the teacher encoder at the LR input size
-            from wsimil.lrmil.pipeline import undistilled_lr_encoder
+            from wsimil.lrmil.taps import undistilled_lr_encoder
 
             base = self.base_encoder()
             encoder = undistilled_lr_encoder(base, int(self.meta["encoder"].get("input_size") or base.spec.input_size))

@@ -54,7 +54,7 @@ from wsimil.io import write_csv, write_json, write_text, write_yaml
 from wsimil.lrmil.config import LRMILConfig, MILSettings
 from wsimil.lrmil.features import extract, taps_fn
 from wsimil.lrmil.job import LRMILJob
-from wsimil.lrmil.taps import check_layers, default_layers, n_blocks
+from wsimil.lrmil.taps import check_layers, default_layers, n_blocks, undistilled_attrs, undistilled_lr_encoder
 from wsimil.lrmil.teacher import dump_covers, dump_hash, dump_teacher
 from wsimil.progress import console, make_progress
 from wsimil.slide.tiling_job import links_dataset
@@ -413,26 +413,6 @@ def unlabelled_slides(spec: str | None, j: LRMILJob, labelled: list[str]) -> lis
             f"--out {j.root} --mag {j.hr:g} --mag {j.lr:g}"
         ) from None
     return extra
-
-
-def undistilled_lr_encoder(teacher: Encoder, input_size: int) -> Encoder:
-    """The teacher encoder at the LR input size (the student before stage 1); the teacher itself if sizes agree."""
-    from wsimil.lrmil.taps import make_student
-
-    if input_size == teacher.spec.input_size:
-        return teacher
-    enc = make_student(teacher, input_size)
-    enc.weights, enc.weights_sha256 = teacher.weights, teacher.weights_sha256  # the teacher's weights, unchanged
-    return enc
-
-
-def undistilled_attrs(teacher: Encoder, input_size: int) -> dict:
-    """Feature provenance of :func:`undistilled_lr_encoder`: at a size other than the registry's, the encoder is
-    named ``{name}@{size}px`` (not a registry entry, so a bundle trained on these features scores feature folders,
-    and ``wsimil predict`` does not rebuild the encoder at the wrong size)."""
-    if input_size == teacher.spec.input_size:
-        return {"lrmil_input_size": input_size}
-    return {"encoder": f"{teacher.name}@{input_size}px", "lrmil_input_size": input_size}
 
 
 def lr_input_size(cfg: LRMILConfig, j: LRMILJob, teacher: Encoder) -> int:
