@@ -27,9 +27,10 @@ def parse_mag(value: float | int | str, what: str = "--mag") -> Mag:
     return m
 
 
-def mag_name(mag: float) -> str:
-    """The one spelling of a magnification in names and messages: ``20.0`` → ``"20x"``, ``2.5`` → ``"2.5x"``."""
-    return f"{mag:g}x"
+def mag_name(mag: float | int | str) -> str:
+    """The one spelling of a magnification in names and messages: ``20.0`` → ``"20x"``, ``2.5`` → ``"2.5x"``
+    (any spelling :func:`parse_mag` reads is accepted)."""
+    return f"{parse_mag(mag):g}x"
 
 
 def mag_to_mpp(mag: float) -> float:
