@@ -31,10 +31,6 @@ class LRMILJob:
         self.patch_size = self.tiling_job.patch_size
         self.slides = self.tiling_job.slides()
 
-    def tiling(self) -> dict:
-        """The job's ``tiling.yaml`` as stored."""
-        return dict(self.tiling_job.record)
-
     def tile_settings(self, mags: list[float]):
         """The job's tiling settings restricted to ``mags`` (the inference paths tile one magnification)."""
         return self.tiling_job.tile_settings(mags)

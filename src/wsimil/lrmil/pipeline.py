@@ -153,8 +153,7 @@ def run_lrmil(
     j.check(ids)
     extra = unlabelled_slides(cfg.stage1_slides, j, ids) if cfg.stage1.enabled else []
     hr_ids = ids + extra  # HR features and teacher outputs: stage 1 needs them for every slide it distils on
-    tiling = j.tiling()
-    reader = cfg.reader or str(tiling.get("reader", "auto"))
+    reader = cfg.reader or j.tiling_job.settings.reader
     splits = kfold_splits(man, cfg.folds, 1, cfg.val_fraction, cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     base = Path(cfg.shared).resolve() if cfg.shared else out  # steps that do not depend on the stage-2 options
@@ -183,7 +182,7 @@ def run_lrmil(
         teacher.weights,
         teacher.weights_sha256,
         teacher.spec.input_size,
-        tiling.get("settings_key"),
+        j.tiling_job.settings_key,
     )
     hr_key = key_of("hr", enc_id, cfg.hr_mag, layers)
     lr_t_key = key_of("lr_teacher", enc_id, cfg.lr_mag, s1_input)
