@@ -126,7 +126,8 @@ def ceiling_run(cfg, job: Path, manifest: Path, out: Path, encoder: str) -> dict
     import sys
 
     from wsimil.features.encoders import create_encoder, sha256_file
-    from wsimil.lrmil.features import EncodeSettings, extract, final_fn
+    from wsimil.features.extract import EncodeSettings, final_fn
+    from wsimil.lrmil.features import extract
     from wsimil.lrmil.job import LRMILJob
     from wsimil.lrmil.pipeline import key_of, train_config
     from wsimil.methods.trainer import run_training
@@ -138,7 +139,7 @@ def ceiling_run(cfg, job: Path, manifest: Path, out: Path, encoder: str) -> dict
     enc = create_encoder(encoder, info["weights"], 0)
     j = LRMILJob(job, cfg.hr_mag, cfg.lr_mag, cfg.patch_size)
     ids = list(pd.read_csv(manifest, dtype={"slide_id": str}).slide_id)
-    st = EncodeSettings("cpu", cfg.batch_size, cfg.workers, cfg.precision, "auto")
+    st = EncodeSettings(device="cpu", batch_size=cfg.batch_size, workers=cfg.workers, precision=cfg.precision)
     key = key_of("ceiling", sha256_file(info["weights"]), cfg.lr_mag, cfg.patch_size)
     feats = extract(j, ids, cfg.lr_mag, final_fn(enc), enc, out / "ceiling_features", key, st,
                     f"ceiling: {cfg.lr_mag:g}x features of the patch-supervised encoder")  # fmt: skip

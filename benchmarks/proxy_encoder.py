@@ -1,6 +1,6 @@
 """A stand-in for a pathology foundation model, for benchmarks that run offline: a timm encoder trained at 20× to tell
 tumour from normal patches on a synthetic cohort of its own (disjoint from any benchmark cohort: other seed). Prints
-JSON and writes a weights file that ``--weights`` of ``wsimil extract``/``wsimil lrmil`` loads.
+JSON and writes a weights file that ``--encoder-weights`` of ``wsimil extract``/``wsimil lrmil`` loads.
 
 Why: without network access no pretrained weights exist here, and a randomly initialised timm ResNet is a poor
 teacher (its residual branches start at zero, so its features are a few pooled filter responses with an effective

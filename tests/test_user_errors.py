@@ -208,7 +208,7 @@ def _weights_case(tmp_path: Path, kind: str) -> Path:
 )
 def test_bad_encoder_weights_are_one_line(small_job, tmp_path, kind, message):
     w = _weights_case(tmp_path, kind)
-    args = ["extract", "--job", str(small_job), "--mag", "5", "--encoder", "resnet18", "--weights", str(w)]
+    args = ["extract", "--job", str(small_job), "--mag", "5", "--encoder", "resnet18", "--encoder-weights", str(w)]
     out = _fails(args, message)
     assert len(out) < 400 and not (small_job / "5x_256px_0px_overlap" / "features_resnet18").exists()
 
@@ -217,7 +217,7 @@ def test_bad_encoder_weights_are_one_line(small_job, tmp_path, kind, message):
     ("option", "message"),
     [
         (["--batch-size", "0"], "--batch-size must be at least 1"),
-        (["--workers", "-1"], "--workers must be 0"),
+        (["--loader-workers", "-1"], "--loader-workers must be 0"),
         (["--precision", "fp8"], "--precision must be one of"),
         (["--device", "gpu0"], "--device 'gpu0' is not a device"),
     ],

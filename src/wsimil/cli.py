@@ -260,15 +260,16 @@ def synth(
         str, typer.Option(help="classification, hierarchical (2x2 classes) or survival.")
     ] = "classification",
     preset: Annotated[str, typer.Option(help="toy, or camelyon (lymph-node sections; see README).")] = "toy",
-    workers: Annotated[int, typer.Option(help="Slides synthesised in parallel (camelyon preset).")] = 1,
+    workers: Annotated[int, typer.Option(help="Worker processes, one slide each (camelyon preset).")] = 1,
 ) -> None:
     """Write a synthetic cohort of pyramidal slides with tumour masks (for demos, tests and benchmarks)."""
     from wsimil.progress import console
+    from wsimil.slide.mag import native_mag
     from wsimil.slide.synth import check_cohort_options, make_cohort
     from wsimil.slide.synth_camelyon import composition_text
 
     check_cohort_options(slides, width, height, mpp, tumor_fraction, task, preset)
-    make_cohort(out, slides, seed, width, height, mpp, app_mag=int(round(10 / mpp)), tumor_fraction=tumor_fraction,
+    make_cohort(out, slides, seed, width, height, mpp, app_mag=native_mag(mpp), tumor_fraction=tumor_fraction,
                 task=task, preset=preset, workers=workers)  # fmt: skip
     console.print(f"Wrote {slides} slides ({preset}, {task}) to {out / 'slides'} and {out / 'manifest.csv'}")
     if preset == "camelyon":
@@ -280,11 +281,11 @@ def synth(
 def tile(
     slides: Annotated[str, typer.Option(help="A slide folder, a CSV with a 'path' column, or one slide file.")],
     out: Annotated[Path, typer.Option(help="Job folder.")],
-    mag: Annotated[list[float], typer.Option(help="Magnification(s) to tile, e.g. --mag 20 --mag 5 (nested).")],
+    mag: Annotated[list[str], typer.Option(help="Magnification(s) to tile, e.g. --mag 20 --mag 5x (nested).")],
     patch_size: Annotated[int, typer.Option(help="Patch size in pixels at each magnification.")] = 256,
     mpp: Annotated[float | None, typer.Option(help="Level-0 µm/px for slides whose metadata lacks it.")] = None,
     reader: Annotated[str, typer.Option(help=READER_HELP)] = "auto",
-    workers: Annotated[int, typer.Option(help="Slides tiled in parallel.")] = 1,
+    workers: Annotated[int, typer.Option(help="Worker processes, one slide each.")] = 1,
     min_tissue: Annotated[float, typer.Option(help="Least tissue share of a patch's footprint (0: any tissue).")] = 0.1,
     overwrite: Annotated[bool, typer.Option(help="Redo slides whose outputs are already valid.")] = False,
     claim_timeout: ClaimTimeout = 600.0,
@@ -305,18 +306,17 @@ def tile(
 @app.command()
 @_user_errors
 def extract(
-    job: Annotated[Path, typer.Option(help="Tiling job folder written by `wsimil tile`.")],
-    mag: Annotated[float, typer.Option(help="Magnification to encode (must have been tiled).")],
+    job: Annotated[Path, typer.Option(help="Tiling job folder written by `wsimil tile` (it knows the patch size).")],
+    mag: Annotated[str, typer.Option(help="Magnification to encode, e.g. 20 or 20x (must have been tiled).")],
     encoder: Annotated[str, typer.Option(help="Encoder name (see `wsimil encoders`).")],
-    weights: Annotated[
+    encoder_weights: Annotated[
         str | None,
-        typer.Option(help="Weights file, or 'hub' to download (online). Without: random init with a warning."),
+        typer.Option(help="Encoder weights file, or 'hub' to download (online). Without: random init with a warning."),
     ] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
     batch_size: Annotated[int, typer.Option(help="Patches per encoder batch.")] = 64,
-    workers: Annotated[int, typer.Option(help="DataLoader workers reading patches.")] = 0,
+    loader_workers: Annotated[int | None, typer.Option(help="DataLoader workers reading patches. (default: 0)")] = None,
     precision: Annotated[str, typer.Option(help="fp32, fp16 or bf16 (autocast).")] = "fp32",
-    patch_size: Annotated[int, typer.Option(help="Patch size the job was tiled with.")] = 256,
     reader: Annotated[str, typer.Option(help=READER_HELP)] = "auto",
     backend: Annotated[str, typer.Option(help="local, or ray (one task per slide on a Ray cluster).")] = "local",
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address; default: start Ray locally.")] = None,
@@ -324,29 +324,37 @@ def extract(
     overwrite: Annotated[bool, typer.Option(help="Redo slides whose features are already valid.")] = False,
     claim_timeout: ClaimTimeout = 600.0,
     threads: Threads = None,
+    weights: Annotated[str | None, typer.Option(hidden=True, help="Deprecated: --encoder-weights.")] = None,
+    workers: Annotated[int | None, typer.Option(hidden=True, help="Deprecated: --loader-workers.")] = None,
+    patch_size: Annotated[int | None, typer.Option(hidden=True, help="Deprecated: read from the job.")] = None,
 ) -> None:
     """Encode a tiling job's patches into feature bags.
 
     Writes JOB/{mag}x_{ps}px_0px_overlap/features_{encoder}/{slide_id}.h5 and a status.csv.
     Exits with status 1 if any slide failed (after finishing all others)."""
     from wsimil.config import resolve_device
-    from wsimil.features.extract import ExtractSettings, features_dir, run_extraction
+    from wsimil.features.extract import ExtractSettings, run_extraction
+    from wsimil.flags import deprecated_value, renamed
+    from wsimil.slide.tiling_job import TilingJob
 
+    tiling = TilingJob.open(job)
+    deprecated_value(patch_size, "--patch-size", "the patch size is read from the job")
+    tiling.check_patch_size(patch_size)
     st = ExtractSettings(
         mag=mag,
         encoder=encoder,
-        weights=weights,
+        weights=renamed(encoder_weights, weights, "--encoder-weights", "--weights"),
         device=resolve_device(device),
         batch_size=batch_size,
-        workers=workers,
+        workers=renamed(loader_workers, workers, "--loader-workers", "--workers", default=0),
         precision=precision,
         reader=reader,
         seed=seed,
         threads=threads,
     )
-    table = run_extraction(job, st, patch_size, overwrite, backend=backend, ray_address=ray_address,
+    table = run_extraction(tiling, st, overwrite=overwrite, backend=backend, ray_address=ray_address,
                            claim_timeout=claim_timeout)  # fmt: skip
-    out_dir = features_dir(job, st, patch_size)
+    out_dir = tiling.features_dir(st.mag, st.encoder)
     _report_batch(table, "Encoded", out_dir, out_dir / "status.csv")
 
 

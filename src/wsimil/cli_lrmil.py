@@ -21,7 +21,7 @@ def lrmil(
     encoder: Annotated[
         str | None, typer.Option(help="Teacher encoder E_T (see `wsimil encoders`). (default: resnet18)")
     ] = None,
-    weights: Annotated[
+    encoder_weights: Annotated[
         str | None, typer.Option(help="E_T weights file, or 'hub'. Without: seeded random init (a warning).")
     ] = None,
     config: Annotated[
@@ -52,7 +52,7 @@ def lrmil(
         int | None, typer.Option(help="Slides timed on both inference paths. (default: 4)")
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Patches per encoder batch. (default: 64)")] = None,
-    workers: Annotated[int | None, typer.Option(help="DataLoader workers reading patches. (default: 0)")] = None,
+    loader_workers: Annotated[int | None, typer.Option(help="DataLoader workers reading patches. (default: 0)")] = None,
     until: Annotated[
         str | None,
         typer.Option(help="Stop after a step: hr_features teacher baseline stage1 lr_features student timing."),
@@ -62,25 +62,28 @@ def lrmil(
         typer.Option(help="Run folder whose features, teacher, baseline and stage 1 to reuse (e.g. for ablations)."),
     ] = None,
     threads: Threads = None,
+    weights: Annotated[str | None, typer.Option(hidden=True, help="Deprecated: --encoder-weights.")] = None,
+    workers: Annotated[int | None, typer.Option(hidden=True, help="Deprecated: --loader-workers.")] = None,
 ) -> None:
     """LRMIL: distil a 20x teacher into a 5x-only pipeline (SPEC §1), with HR teacher and LR baseline beside it.
 
     Writes RUN/results.json (metrics of teacher_hr, baseline_lr, student_lr; seconds per slide of both inference
-    paths), every step's outputs, and RUN/bundle/ (the LR pipeline: `wsimil predict --model RUN/bundle` scores new
+    paths), every step's outputs, and RUN/bundle/ (the LR pipeline: `wsimil predict --bundle RUN/bundle` scores new
     slides from 5x alone)."""
+    from wsimil.flags import renamed
     from wsimil.lrmil.config import load_lrmil_config
     from wsimil.lrmil.pipeline import run_lrmil
     from wsimil.progress import console
 
     overrides = {
         "encoder": encoder,
-        "weights": weights,
+        "weights": renamed(encoder_weights, weights, "--encoder-weights", "--weights"),
         "folds": folds,
         "device": device,
         "seed": seed,
         "timing_slides": timing_slides,
         "batch_size": batch_size,
-        "workers": workers,
+        "workers": renamed(loader_workers, workers, "--loader-workers", "--workers"),
         "threads": threads,
         "shared": str(shared) if shared else None,
         "teacher.epochs": epochs,

@@ -14,9 +14,9 @@ a patch encoder's convolutions scale with the cores that are actually free.
    without ``/proc/stat``, the 1-minute load average);
 3. the work picks from the budget: MIL steps get one thread per :data:`MIL_ELEMENTS_PER_THREAD` feature values
    (at least 1), and MIL *training* then times its first steps at each candidate count and keeps the fastest
-   (:class:`StepTuner`, repeated every few minutes); patch encoding uses every CPU this process may use less its DataLoader workers (busy or not: its
-   convolutions synchronise rarely, so on a contended machine more threads win more CPU time); image work (tissue
-   detection, tiling, heatmaps) shares the budget among its worker processes.
+   (:class:`StepTuner`, repeated every few minutes); patch encoding uses every CPU this process may use less its
+   DataLoader workers (busy or not: its convolutions synchronise rarely, so on a contended machine more threads win
+   more CPU time); image work (tissue detection, tiling, heatmaps) shares the budget among its worker processes.
 
 An explicit ``N`` is honoured as given. The resolved plan is printed once and saved in the run's config. Thread
 counts can change floating-point summation order, so bitwise-identical re-runs need a fixed ``N``.

@@ -61,7 +61,7 @@ def test_extract_cli_writes_trident_features_and_resumes(job, tmp_path):
     res = runner.invoke(app, args)
     assert res.exit_code == 0 and "skipped 2" in res.output and (fdir / "s40.h5").stat().st_mtime_ns == mtime
     # batch size and workers do not change the features
-    res = runner.invoke(app, [*args, "--batch-size", "64", "--workers", "2", "--overwrite"])
+    res = runner.invoke(app, [*args, "--batch-size", "64", "--loader-workers", "2", "--overwrite"])
     assert res.exit_code == 0, res.output
     np.testing.assert_allclose(store.read("s40").features, bag.features, rtol=1e-4, atol=1e-5)
 
@@ -109,3 +109,22 @@ def test_synthetic_cohort_gives_instance_labels(tmp_path):
             assert (labels == 1).sum() >= 1 and (labels == 0).sum() > (labels == 1).sum()
         else:
             assert (labels == 0).all()
+
+
+def test_extract_reads_the_patch_size_from_the_job_and_keeps_old_spellings(job, tmp_path):
+    """--patch-size is read from the job (the hidden old flag must agree with it); --weights and --workers still
+    work for one release, with a warning, and mean --encoder-weights and --loader-workers."""
+    base = ["extract", "--job", str(job), "--mag", "5x", "--encoder", "resnet18"]
+    res = runner.invoke(app, [*base, "--patch-size", "64"])
+    assert res.exit_code == 2 and "--patch-size 64 disagrees with the job" in res.output.replace("\n", " ")
+    assert not (job / "5x_64px_0px_overlap").exists()
+    bad = tmp_path / "w.pt"
+    bad.write_text("not weights")
+    with pytest.warns(FutureWarning, match="--weights is deprecated .* use --encoder-weights"):
+        res = runner.invoke(app, [*base, "--weights", str(bad)])
+    assert res.exit_code == 2 and "not a PyTorch checkpoint" in res.output
+    res = runner.invoke(app, [*base, "--loader-workers", "1", "--workers", "2"])
+    assert res.exit_code == 2 and "--loader-workers 1 and the deprecated --workers 2 disagree" in res.output
+    with pytest.warns(FutureWarning, match="--workers is deprecated"):
+        res = runner.invoke(app, [*base, "--workers", "-1", "--patch-size", "256"])
+    assert res.exit_code == 2 and "--loader-workers must be 0" in res.output

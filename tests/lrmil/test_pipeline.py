@@ -74,8 +74,8 @@ def test_baseline_sees_lr_patches_at_the_student_input_size(run):
     student only by distillation."""
     import torch
 
+    from wsimil.features.extract import EncodeSettings, encode_grid, final_fn
     from wsimil.lrmil.config import LRMILConfig
-    from wsimil.lrmil.features import EncodeSettings, encode_grid, final_fn
     from wsimil.lrmil.job import LRMILJob
     from wsimil.lrmil.pipeline import build_teacher_encoder
     from wsimil.lrmil.taps import make_student
@@ -209,8 +209,8 @@ def test_bundle_predicts_from_5x_only(run, monkeypatch, tmp_path):
     assert both.prob_1[0] == pytest.approx(np.mean(one), abs=1e-6)
     # the instrument does see 20x reads when they happen
     reads.clear()
+    from wsimil.features.extract import EncodeSettings, encode_grid, final_fn
     from wsimil.lrmil.config import LRMILConfig
-    from wsimil.lrmil.features import EncodeSettings, encode_grid, final_fn
     from wsimil.lrmil.pipeline import build_teacher_encoder
 
     enc = build_teacher_encoder(LRMILConfig(encoder="lrmil_test_resnet"))

@@ -11,7 +11,7 @@ Multi-node recipe (slides, the job folder and any weights file on a filesystem e
     # each worker node
     ray start --address=HEAD_IP:6379
     # anywhere in the cluster
-    wsimil extract --job /shared/job --mag 20 --encoder uni --weights /shared/uni.bin \\
+    wsimil extract --job /shared/job --mag 20 --encoder uni --encoder-weights /shared/uni.bin \\
                    --device cuda --backend ray --ray-address HEAD_IP:6379
 
 Without ``--ray-address`` a local Ray instance is started (and stopped) on this machine.
@@ -20,7 +20,7 @@ Without ``--ray-address`` a local Ray instance is started (and stopped) on this 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+from collections.abc import Callable
 
 from wsimil.claims import CLAIM_TIMEOUT
 from wsimil.errors import WsimilError
@@ -35,17 +35,21 @@ def _ray():
 
 
 def run_extraction_ray(
-    job: Path,
+    job,
     st,
     slides: list[dict],
-    patch_size: int,
     overwrite: bool,
+    process: Callable,
     address: str | None = None,
     cpus_per_actor: int = 1,
     claim_timeout: float = CLAIM_TIMEOUT,
 ) -> list[dict]:
+    """Encode ``slides`` of the tiling ``job`` with settings ``st`` on Ray: each actor builds the encoder once and
+    calls ``process(encoder, job, st, slide, overwrite, claim_timeout)`` (the local backend's per-slide function,
+    passed in so this module does not import the extraction module that calls it) per slide."""
     ray = _ray()
     from wsimil.progress import make_progress
+    from wsimil.slide.mag import mag_name
 
     started = False
     if not ray.is_initialized():
@@ -67,38 +71,33 @@ def run_extraction_ray(
         use_gpu = gpus > 0 and st.device.startswith("cuda")
         n_actors = gpus if use_gpu else max(1, int(res.get("CPU", 1)) // cpus_per_actor)
         n_actors = max(1, min(n_actors, len(slides)))
-        settings = dataclasses.asdict(st)
         if not use_gpu:
-            settings["device"] = "cpu"
-            settings["workers"] = 0  # no nested worker processes inside actors
+            st = dataclasses.replace(st, device="cpu", workers=0)  # no nested worker processes inside actors
 
         @ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_actor)
         class EncoderActor:
-            def __init__(self, settings: dict):
+            def __init__(self, st):
                 import warnings
 
                 from wsimil.features.encoders import create_encoder
-                from wsimil.features.extract import ExtractSettings
 
-                self.st = ExtractSettings(**settings)
+                self.st = st
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # the driver already warned about random weights
                     self.encoder = create_encoder(self.st.encoder, self.st.weights, self.st.seed)
                 self.encoder.model.to(self.st.device)
 
-            def run(self, job: str, slide: dict, patch_size: int, overwrite: bool) -> dict:
-                from wsimil.features.extract import process_slide
+            def run(self, job, slide: dict, overwrite: bool) -> dict:
+                return process(self.encoder, job, self.st, slide, overwrite, claim_timeout)
 
-                return process_slide(self.encoder, Path(job), self.st, slide, patch_size, overwrite, claim_timeout)
-
-        actors = [EncoderActor.remote(settings) for _ in range(n_actors)]
+        actors = [EncoderActor.remote(st) for _ in range(n_actors)]
         pool = ray.util.ActorPool(actors)
         rows: dict[str, dict] = {}
         with make_progress() as progress:
             task = progress.add_task(
-                f"Encoding {st.mag:g}x with {st.encoder} on Ray ({n_actors} actors)", total=len(slides), info=""
+                f"Encoding {mag_name(st.mag)} with {st.encoder} on Ray ({n_actors} actors)", total=len(slides), info=""
             )
-            for row in pool.map_unordered(lambda a, s: a.run.remote(str(job), s, patch_size, overwrite), slides):
+            for row in pool.map_unordered(lambda a, s: a.run.remote(job, s, overwrite), slides):
                 rows[row["slide_id"]] = row
                 progress.update(task, advance=1, info=f"{row['slide_id']}: {row['status']}")
         return [rows[s["slide_id"]] for s in slides]

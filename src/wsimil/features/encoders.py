@@ -142,7 +142,7 @@ for _spec in (
         timm_kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": True},
         precision="fp16",
         note="Phikon-v2 (DINOv2 ViT-L/14). Its official weights are in transformers format; pass a "
-        "timm-format state dict with --weights",
+        "timm-format state dict with --encoder-weights",
     ),
 ):
     register_encoder(_spec)
@@ -269,13 +269,13 @@ def create_encoder(name: str, weights: str | Path | None = None, seed: int = 0) 
     spec = ENCODERS[name]
     if weights == "hub":
         if spec.hub_id is None:
-            raise WsimilError(f"encoder {name!r} has no hub weights here; pass a weights file with --weights")
+            raise WsimilError(f"encoder {name!r} has no hub weights here; pass a weights file with --encoder-weights")
         try:
             model = _build(spec, pretrained_hub=True)
         except Exception as e:  # noqa: BLE001 - network, auth and hub errors
             raise WsimilError(
                 f"cannot load {name!r} weights from the hub ({spec.hub_id}): {type(e).__name__}: {e}. Offline or "
-                "gated? Download the weights once and pass the file with --weights PATH"
+                "gated? Download the weights once and pass the file with --encoder-weights PATH"
             ) from e
         return Encoder(spec, model.eval(), f"hub:{spec.hub_id}", None)
     torch.manual_seed(seed)
@@ -283,7 +283,7 @@ def create_encoder(name: str, weights: str | Path | None = None, seed: int = 0) 
     if weights is None:
         warnings.warn(
             f"encoder {name!r} has no weights: randomly initialised (seed {seed}); features are "
-            "reproducible but carry no pretrained knowledge. Pass --weights PATH or --weights hub.",
+            "reproducible but carry no pretrained knowledge. Pass --encoder-weights PATH or --encoder-weights hub.",
             stacklevel=2,
         )
         return Encoder(spec, model.eval(), f"random(seed={seed})", None)

@@ -35,8 +35,8 @@ from wsimil import __version__
 from wsimil.claims import CLAIM_TIMEOUT, remove_orphans, try_claim
 from wsimil.errors import WsimilError
 from wsimil.features.encoders import Encoder, create_encoder, sha256_file
+from wsimil.features.extract import EncodeSettings
 from wsimil.io import write_json
-from wsimil.lrmil.features import EncodeSettings
 from wsimil.lrmil.infer import SlidePipeline
 from wsimil.slide.job import SlideSpec, TileSettings, collect_slides
 
@@ -183,7 +183,7 @@ class LRMILBundle:
 
         entry = self._entry(fold)
         if entry["encoder"] is None:  # stage 1 ablated: the teacher encoder at the LR input size
-            from wsimil.lrmil.pipeline import undistilled_lr_encoder
+            from wsimil.lrmil.taps import undistilled_lr_encoder
 
             base = self.base_encoder()
             encoder = undistilled_lr_encoder(base, int(self.meta["encoder"].get("input_size") or base.spec.input_size))

@@ -6,32 +6,43 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
+from wsimil.config import TrainConfig
 from wsimil.errors import WsimilError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
 
 
-class MILSettings(_Strict):
-    """An ABMIL training (teacher, LR baseline, student): the trainer's options that LRMIL exposes."""
+#: the trainer options one LRMIL training (teacher, LR baseline, student) sets: TrainConfig's own fields, with their
+#: types, bounds and defaults, except LRMIL's learning rate (SPEC §1); the rest (splits, seed, device, …) come from
+#: the LRMIL config itself (:func:`wsimil.lrmil.pipeline.train_config`)
+MIL_FIELDS = ("model", "model_kwargs", "epochs", "lr", "weight_decay", "patience", "min_epochs", "monitor",
+              "batch_size", "standardize")  # fmt: skip
+MIL_DEFAULTS = {"lr": 1e-4}
+MIL_TYPES = {"model": Literal["abmil", "gated_abmil"]}  # the teacher dump and the student read ABMIL attention
 
-    model: Literal["abmil", "gated_abmil"] = "abmil"
-    model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    epochs: int = Field(50, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(1e-5, ge=0)
-    patience: int = Field(10, ge=1)
-    min_epochs: int = Field(10, ge=0)
-    # [decision] SPEC §1 selects on validation AUC; on small validation parts the AUC reaches 1.0 within an epoch or
-    # two and, ties never improving, freezes the choice at an undertrained model (40-slide synthetic cohort, 4
-    # validation slides per fold: HR teacher test AUC 0.875 selected on val_auc vs 1.000 on val_loss), so the
-    # default is the validation loss; ``monitor: val_auc`` gives SPEC's rule.
-    monitor: Literal["val_auc", "val_loss"] = "val_loss"
-    batch_size: int = Field(1, ge=1)
-    standardize: bool = True
+
+def _mil_settings() -> type[BaseModel]:
+    from pydantic.fields import FieldInfo
+
+    fields: dict[str, Any] = {}
+    for name in MIL_FIELDS:
+        f = TrainConfig.model_fields[name]
+        if name in MIL_DEFAULTS:
+            f = FieldInfo.merge_field_infos(f, default=MIL_DEFAULTS[name])
+        fields[name] = (MIL_TYPES.get(name, f.annotation), f)
+    doc = "An ABMIL training of LRMIL (teacher, LR baseline, student): the :class:`TrainConfig` fields it sets."
+    return create_model("MILSettings", __base__=_Strict, __doc__=doc, __module__=__name__, **fields)
+
+
+MILSettings = _mil_settings()
+# [decision] SPEC §1 selects on validation AUC; on small validation parts the AUC reaches 1.0 within an epoch or two
+# and, ties never improving, freezes the choice at an undertrained model (40-slide synthetic cohort, 4 validation
+# slides per fold: HR teacher test AUC 0.875 selected on val_auc vs 1.000 on val_loss), so the default monitor is
+# TrainConfig's validation loss; ``monitor: val_auc`` gives SPEC's rule.
 
 
 class Stage1Config(_Strict):
@@ -55,7 +66,8 @@ class Stage1Config(_Strict):
     input_size: int | None = None  # student input in px; default the LR patch size (ViT: whole token blocks per child)
     # batch norm (CNN students): statistics re-estimated on LR patches, then fixed | the teacher's | train mode
     norm_stats: Literal["reestimate", "teacher", "train"] = "reestimate"
-    workers: int = Field(0, ge=0)
+    # DataLoader workers (CLI --loader-workers; YAML key workers or loader_workers)
+    workers: int = Field(0, ge=0, validation_alias=AliasChoices("workers", "loader_workers"))
 
 
 class Stage2Config(_Strict):
@@ -79,7 +91,8 @@ class Stage2Config(_Strict):
 
 class LRMILConfig(_Strict):
     encoder: str = "resnet18"
-    weights: str | None = None  # file, "hub", or None (seeded random init)
+    # a file, "hub", or None (seeded random init); CLI --encoder-weights, YAML weights or encoder_weights
+    weights: str | None = Field(None, validation_alias=AliasChoices("weights", "encoder_weights"))
     hr_mag: float = 20.0
     lr_mag: float = 5.0
     patch_size: int | None = None  # default: the job's patch size (tiling.yaml)
@@ -91,7 +104,8 @@ class LRMILConfig(_Strict):
     label_column: str = "label"
     # feature extraction
     batch_size: int = Field(64, ge=1)
-    workers: int = Field(0, ge=0)
+    # DataLoader workers reading patches (CLI --loader-workers; YAML key workers or loader_workers)
+    workers: int = Field(0, ge=0, validation_alias=AliasChoices("workers", "loader_workers"))
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     reader: str | None = None  # default: the job's reader
     threads: int | str = "auto"  # CPU threads: N, or auto (chosen per step: wsimil.threads)
@@ -109,6 +123,13 @@ class LRMILConfig(_Strict):
     # evaluation
     bootstrap: int = Field(1000, ge=0)
     timing_slides: int = Field(4, ge=0)  # slides timed end to end on both inference paths (0 = skip)
+
+    @field_validator("hr_mag", "lr_mag", mode="before")
+    @classmethod
+    def _mag(cls, v: Any) -> float:
+        from wsimil.slide.mag import parse_mag
+
+        return parse_mag(v, "hr_mag/lr_mag")
 
     @field_validator("threads", mode="before")
     @classmethod

@@ -1,4 +1,5 @@
-"""Feature extraction for LRMIL: HR features with per-layer summary tokens (step 1) and LR features (steps 3–4).
+"""Feature extraction for LRMIL: HR features with per-layer summary tokens (step 1) and LR features (steps 3–4),
+through the shared extraction engine (:func:`wsimil.features.extract.encode_grid`) with LRMIL's taps as its hook.
 
 Files follow TRIDENT's layout (``features (N, D)``, ``coords``, ``instance_labels`` from tumour masks, provenance
 attributes), so :class:`wsimil.features.store.FeatureStore` and the trainer read them as any other bag. HR files
@@ -8,96 +9,27 @@ add ``summary/block{l} (N, C_l)``: the teacher's summary token after block ``l``
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
 from torch import Tensor
 
 from wsimil import __version__
 from wsimil.features.encoders import Encoder
-from wsimil.features.patches import PatchGrid, SlidePatchBlocks
+from wsimil.features.extract import EncodeSettings, encode_grid
+from wsimil.features.patches import PatchGrid
 from wsimil.features.store import write_bag
 from wsimil.io import atomic_path
 from wsimil.lrmil.job import LRMILJob
 from wsimil.lrmil.taps import forward_taps
 from wsimil.threads import apply_threads
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass
-class EncodeSettings:
-    device: str = "cpu"
-    batch_size: int = 64
-    workers: int = 0
-    precision: str = "fp32"
-    reader: str = "auto"
-    block: int = 4
-    threads: int | str | None = None  # CPU threads, N or auto; None: the process-wide request (wsimil.threads)
-
-
-def encode_grid(
-    fn: Callable[[Tensor], dict[str, Tensor]], grid: PatchGrid, st: EncodeSettings, mpp: float | None = None
-) -> dict[str, np.ndarray]:
-    """Apply ``fn`` (uint8 patches ``(b, ps, ps, 3)`` on ``st.device`` → named outputs ``(b, …)``) to every patch
-    of ``grid`` in batches of ``st.batch_size``; returns the outputs as float32 arrays in the grid's order."""
-    n = len(grid.coords)
-    out: dict[str, np.ndarray] = {}
-    if n == 0:
-        return out
-    loader = torch.utils.data.DataLoader(
-        SlidePatchBlocks(grid, st.reader, mpp, st.block),
-        batch_size=None,
-        shuffle=False,
-        num_workers=st.workers,
-        prefetch_factor=4 if st.workers else None,
-    )
-    cuda = st.device.startswith("cuda")
-    dtype = PRECISIONS[st.precision]
-    autocast = (
-        torch.autocast(device_type="cuda" if cuda else "cpu", dtype=dtype)
-        if dtype != torch.float32
-        else contextlib.nullcontext()
-    )
-    xs: list[Tensor] = []
-    ids: list[Tensor] = []
-
-    def run(force: bool) -> None:
-        while xs and (force or sum(len(x) for x in xs) >= st.batch_size):
-            x, i = torch.cat(xs), torch.cat(ids)
-            xs.clear()
-            ids.clear()
-            xb, ib, rest_x, rest_i = x[: st.batch_size], i[: st.batch_size], x[st.batch_size :], i[st.batch_size :]
-            if len(rest_x):
-                xs.append(rest_x)
-                ids.append(rest_i)
-            with torch.inference_mode(), autocast:
-                res = fn(xb.to(st.device, non_blocking=True))
-            for k, v in res.items():
-                if k not in out:
-                    out[k] = np.empty((n, *v.shape[1:]), dtype=np.float32)
-                out[k][ib.numpy()] = v.float().cpu().numpy()
-
-    for patches, idx in loader:
-        xs.append(patches)
-        ids.append(idx)
-        run(False)
-    run(True)
-    return out
-
-
-def final_fn(encoder: Encoder) -> Callable[[Tensor], dict[str, Tensor]]:
-    """Patches → ``{"features": encoder embedding}``."""
-    return lambda u8: {"features": encoder.model(encoder.preprocess(u8))}
-
 
 def taps_fn(encoder: Encoder, layers: tuple[int, ...]) -> Callable[[Tensor], dict[str, Tensor]]:
-    """Patches → ``{"features": final embedding, "summary/block{l}": summary token after block l}``."""
+    """The engine hook of LRMIL's HR step: patches → ``{"features": final embedding (b, D),
+    "summary/block{l}": summary token after block l (b, C_l)}``."""
 
     def fn(u8: Tensor) -> dict[str, Tensor]:
         t = forward_taps(encoder.model, encoder.preprocess(u8), layers)
@@ -123,6 +55,7 @@ def write_features(
     key: str,
     embed_dim: int,
     attrs: dict | None = None,
+    job_root: Path | None = None,
 ) -> None:
     """Write one slide's features (TRIDENT layout, plus ``summary/…`` datasets when ``outputs`` has them)."""
     feats = outputs.get("features", np.zeros((0, embed_dim), dtype=np.float32))
@@ -138,6 +71,7 @@ def write_features(
                 "weights_sha256": encoder.weights_sha256 or "",
                 "transforms": encoder.transforms_description(),
                 "tiling_key": grid.attrs.get("settings_key", ""),
+                "tiling_job": str(Path(job_root).resolve()) if job_root else "",
                 "embed_dim": embed_dim,
                 "wsimil_version": __version__,
                 "lrmil_key": key,
@@ -181,7 +115,8 @@ def extract(
                 continue
             grid = job.grid(sid, mag)
             outputs = encode_grid(fn, grid, st, job.mpp(sid))
-            write_features(path, outputs, grid, job.instance_labels(sid, grid), encoder, key, _dim(encoder), attrs)
+            write_features(path, outputs, grid, job.instance_labels(sid, grid), encoder, key, _dim(encoder), attrs,
+                           job.root)  # fmt: skip
             progress.update(task, advance=1, info=f"{sid}: {len(grid.coords)} patches")
     return out_dir
 

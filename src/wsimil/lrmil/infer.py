@@ -16,8 +16,8 @@ import torch
 
 from wsimil.data.batching import Standardizer
 from wsimil.features.encoders import Encoder
+from wsimil.features.extract import EncodeSettings, encode_grid, final_fn
 from wsimil.features.patches import PatchGrid
-from wsimil.lrmil.features import EncodeSettings, encode_grid, final_fn
 from wsimil.models import MILModel
 from wsimil.slide.job import SlideSpec, TileSettings
 

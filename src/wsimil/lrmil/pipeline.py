@@ -49,13 +49,16 @@ from wsimil.data.manifest import read_manifest
 from wsimil.data.splits import Split, kfold_splits
 from wsimil.evaluation.metrics import nan_to_none, summarize
 from wsimil.features.encoders import Encoder, create_encoder
+from wsimil.features.extract import EncodeSettings, final_fn
 from wsimil.io import write_csv, write_json, write_text, write_yaml
 from wsimil.lrmil.config import LRMILConfig, MILSettings
-from wsimil.lrmil.features import EncodeSettings, extract, final_fn, taps_fn
-from wsimil.lrmil.job import LRMILJob, links_dataset
-from wsimil.lrmil.taps import check_layers, default_layers, n_blocks
+from wsimil.lrmil.features import extract, taps_fn
+from wsimil.lrmil.job import LRMILJob
+from wsimil.lrmil.taps import check_layers, default_layers, n_blocks, undistilled_attrs, undistilled_lr_encoder
 from wsimil.methods.teacher_dump import dump_covers, dump_hash, dump_teacher
 from wsimil.progress import console, make_progress
+from wsimil.slide.mag import mag_name
+from wsimil.slide.tiling_job import links_dataset
 from wsimil.threads import apply_threads
 
 STEPS = ("hr_features", "teacher", "baseline", "stage1", "lr_features", "student", "timing", "bundle")
@@ -90,20 +93,12 @@ def write_splits(splits: list[Split], path: Path) -> Path:
 
 def train_config(ms: MILSettings, cfg: LRMILConfig, classes: list[str], splits: Path, method: str = "supervised",
                  method_kwargs: dict | None = None) -> TrainConfig:  # fmt: skip
-    """The trainer config of one LRMIL training (teacher, baseline or student)."""
+    """The trainer config of one LRMIL training (teacher, baseline or student): its :class:`MILSettings` (a subset
+    of TrainConfig's fields) and the run-wide fields of the LRMIL config."""
     return TrainConfig(
-        model=ms.model,
-        model_kwargs=ms.model_kwargs,
+        **ms.model_dump(),
         method=method,
         method_kwargs=method_kwargs or {},
-        epochs=ms.epochs,
-        lr=ms.lr,
-        weight_decay=ms.weight_decay,
-        patience=ms.patience,
-        min_epochs=ms.min_epochs,
-        monitor=ms.monitor,
-        batch_size=ms.batch_size,
-        standardize=ms.standardize,
         splits=str(splits),
         folds=cfg.folds,
         val_fraction=cfg.val_fraction,
@@ -158,8 +153,7 @@ def run_lrmil(
     j.check(ids)
     extra = unlabelled_slides(cfg.stage1_slides, j, ids) if cfg.stage1.enabled else []
     hr_ids = ids + extra  # HR features and teacher outputs: stage 1 needs them for every slide it distils on
-    tiling = j.tiling()
-    reader = cfg.reader or str(tiling.get("reader", "auto"))
+    reader = cfg.reader or j.tiling_job.settings.reader
     splits = kfold_splits(man, cfg.folds, 1, cfg.val_fraction, cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     base = Path(cfg.shared).resolve() if cfg.shared else out  # steps that do not depend on the stage-2 options
@@ -188,14 +182,14 @@ def run_lrmil(
         teacher.weights,
         teacher.weights_sha256,
         teacher.spec.input_size,
-        tiling.get("settings_key"),
+        j.tiling_job.settings_key,
     )
     hr_key = key_of("hr", enc_id, cfg.hr_mag, layers)
     lr_t_key = key_of("lr_teacher", enc_id, cfg.lr_mag, s1_input)
     split_key = key_of([(s.fold, s.train, s.val, s.test) for s in splits])
     console.print(
         f"LRMIL on {len(ids)} slides, {len(splits)} folds, encoder {cfg.encoder} ({teacher.weights}), "
-        f"{cfg.hr_mag:g}x → {cfg.lr_mag:g}x, device {device} → {out}"
+        f"{mag_name(cfg.hr_mag)} → {mag_name(cfg.lr_mag)}, device {device} → {out}"
     )
 
     def done(step: str) -> bool:
@@ -203,7 +197,7 @@ def run_lrmil(
 
     # 1. HR features + summary tokens ------------------------------------------------------------------------------
     hr_dir = extract(j, hr_ids, cfg.hr_mag, taps_fn(teacher, layers), teacher, base / "features" / "hr", hr_key, st,
-                     f"1/6 HR features ({cfg.hr_mag:g}x) + summary tokens of blocks {list(layers)}")  # fmt: skip
+                     f"1/6 HR features ({mag_name(cfg.hr_mag)}) + summary tokens of blocks {list(layers)}")  # fmt: skip
     if done("hr_features"):
         return {}
 
@@ -225,7 +219,7 @@ def run_lrmil(
     # and the no-stage-1 ablation differ from the student by the distillation alone (not by a resize to 224 px)
     lr_base = undistilled_lr_encoder(teacher, s1_input)
     lr_t_dir = extract(j, ids, cfg.lr_mag, final_fn(lr_base), lr_base, base / "features" / "lr_teacher", lr_t_key, st,
-                       f"   LR features ({cfg.lr_mag:g}x, {s1_input} px) of the undistilled encoder",
+                       f"   LR features ({mag_name(cfg.lr_mag)}, {s1_input} px) of the undistilled encoder",
                        attrs=undistilled_attrs(teacher, s1_input))  # fmt: skip
     console.print("   LR baseline: plain ABMIL on those features")
     b_key = key_of(lr_t_key, split_key, cfg.student.model_dump(), man.classes, cfg.seed, cfg.bootstrap)
@@ -249,7 +243,7 @@ def run_lrmil(
             student, _ = load_student(enc_path, teacher)
             feat_dir = extract(j, ids, cfg.lr_mag, final_fn(student), student,
                                base / "features" / f"lr_student_fold{k}", lr_key, st,
-                               f"4/6 LR features ({cfg.lr_mag:g}x) with fold {k}'s distilled encoder",
+                               f"4/6 LR features ({mag_name(cfg.lr_mag)}) with fold {k}'s distilled encoder",
                                attrs={"encoder": f"lrmil-student:{teacher.name}",
                                       "lrmil_input_size": s1_input})  # fmt: skip
         else:
@@ -348,7 +342,7 @@ def stage1_fold(cfg, j, teacher, sp, layers, s1_input, hr_dir, dump, out, hr_key
         apply_threads(cfg.threads, "encode", workers=s1.workers)
         data = Stage1Patches(j, train_ids, hr_dir, dump, layers, reader)
         val = Stage1Patches(j, held_out, hr_dir, dump, layers, reader) if held_out else None
-        opts = s1.model_dump(exclude={"enabled", "layers", "input_size"})
+        opts = s1.model_dump(exclude={"input_size"})
         settings = Stage1Settings(**opts, input_size=s1_input, seed=cfg.seed + sp.fold, device=device, reader=reader)
         with make_progress() as progress:
             student, adapters, history = train_stage1(teacher, data, settings, j.factor, progress=progress,
@@ -411,26 +405,6 @@ def unlabelled_slides(spec: str | None, j: LRMILJob, labelled: list[str]) -> lis
             f"--out {j.root} --mag {j.hr:g} --mag {j.lr:g}"
         ) from None
     return extra
-
-
-def undistilled_lr_encoder(teacher: Encoder, input_size: int) -> Encoder:
-    """The teacher encoder at the LR input size (the student before stage 1); the teacher itself if sizes agree."""
-    from wsimil.lrmil.taps import make_student
-
-    if input_size == teacher.spec.input_size:
-        return teacher
-    enc = make_student(teacher, input_size)
-    enc.weights, enc.weights_sha256 = teacher.weights, teacher.weights_sha256  # the teacher's weights, unchanged
-    return enc
-
-
-def undistilled_attrs(teacher: Encoder, input_size: int) -> dict:
-    """Feature provenance of :func:`undistilled_lr_encoder`: at a size other than the registry's, the encoder is
-    named ``{name}@{size}px`` (not a registry entry, so a bundle trained on these features scores feature folders,
-    and ``wsimil predict`` does not rebuild the encoder at the wrong size)."""
-    if input_size == teacher.spec.input_size:
-        return {"lrmil_input_size": input_size}
-    return {"encoder": f"{teacher.name}@{input_size}px", "lrmil_input_size": input_size}
 
 
 def lr_input_size(cfg: LRMILConfig, j: LRMILJob, teacher: Encoder) -> int:

@@ -27,17 +27,18 @@ import copy
 import math
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from wsimil.checkpoint import load_checkpoint, save_checkpoint
 from wsimil.features.encoders import Encoder
 from wsimil.features.patches import read_block
+from wsimil.lrmil.config import Stage1Config
 from wsimil.lrmil.job import LRMILJob
 from wsimil.lrmil.losses import attention_feature_loss, layer_distill_loss, pool_children
 from wsimil.lrmil.taps import block_widths, forward_taps, freeze, make_student
@@ -46,22 +47,11 @@ from wsimil.methods.teacher_dump import read_dump
 OPEN_SLIDES = 16  # per worker: slide handles kept open
 
 
-@dataclass
-class Stage1Settings:
-    steps: int = 500  # optimiser steps (``epochs``, when given, replaces it with epochs × batches per epoch)
-    epochs: int | None = None
-    lr: float = 1e-4
-    warmup: float = 0.05  # share of the steps with a linear warm-up
-    schedule: str = "cosine"  # cosine | constant (after the warm-up)
-    weight_decay: float = 0.0
-    batch_size: int = 16
-    lambda_layer: float = 1.0
-    lambda_attn: float = 1.0
-    input_size: int = 256  # student input in pixels (the LR patch size)
-    augment: bool = True  # flips/rotations (children permuted alike) and mild brightness/contrast changes
-    norm_stats: str = "reestimate"  # batch norm: reestimate (on LR patches, then fixed) | teacher | train
-    eval_every: int = 50  # steps between evaluations on the held-out pairs
-    workers: int = 0
+class Stage1Settings(Stage1Config):
+    """Stage 1 as :func:`train_stage1` runs it: the configured :class:`~wsimil.lrmil.config.Stage1Config` plus
+    what the run resolves (``input_size``: the student input in pixels, the fold's seed, device, slide reader)."""
+
+    input_size: int = Field(256, ge=1)
     seed: int = 0
     device: str = "cpu"
     reader: str = "auto"

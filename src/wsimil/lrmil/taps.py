@@ -163,3 +163,21 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def undistilled_lr_encoder(teacher: Encoder, input_size: int) -> Encoder:
+    """The teacher encoder at the LR input size (the student before stage 1); the teacher itself if sizes agree."""
+    if input_size == teacher.spec.input_size:
+        return teacher
+    enc = make_student(teacher, input_size)
+    enc.weights, enc.weights_sha256 = teacher.weights, teacher.weights_sha256  # the teacher's weights, unchanged
+    return enc
+
+
+def undistilled_attrs(teacher: Encoder, input_size: int) -> dict:
+    """Feature provenance of :func:`undistilled_lr_encoder`: at a size other than the registry's, the encoder is
+    named ``{name}@{size}px`` (not a registry entry, so a bundle trained on these features scores feature folders,
+    and ``wsimil predict`` does not rebuild the encoder at the wrong size)."""
+    if input_size == teacher.spec.input_size:
+        return {"lrmil_input_size": input_size}
+    return {"encoder": f"{teacher.name}@{input_size}px", "lrmil_input_size": input_size}

@@ -1,24 +1,14 @@
 """Tiling jobs: many slides → TRIDENT-layout patch files at several magnifications, links, QC images, and a
 status table. One bad slide fails alone; re-running skips slides whose outputs validate against the settings.
 
-Layout under ``JOB``::
-
-    slides.csv                                   slide_id, path, mpp override (the job's slide list)
-    status.csv                                   slide_id, status (ok/skipped/failed/claimed), error, patches per mag
-    tiling.yaml                                  the resolved settings
-    {mag}x_{ps}px_0px_overlap/patches/{slide_id}_patches.h5    coords (N, 2) level-0 + attributes
-    links/{slide_id}_links.h5                    links_{lo}x_{hi}x (N_lo, (hi/lo)²); "links" = coarsest→finest
-    qc/{slide_id}.png                            thumbnail with tissue contours and the patch grid
+The folder layout and its settings belong to :class:`wsimil.slide.tiling_job.TilingJob`; this module tiles.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import h5py
@@ -28,96 +18,30 @@ import pandas as pd
 from wsimil import __version__
 from wsimil.claims import CLAIM_TIMEOUT, merge_rows, remove_orphans, try_claim
 from wsimil.errors import WsimilError
-from wsimil.io import atomic_path, write_csv, write_yaml
-from wsimil.slide.reader import MPP_RANGE, READER_CHOICES, open_slide
+from wsimil.io import atomic_path
+from wsimil.slide.mag import mag_name
+from wsimil.slide.reader import open_slide
 from wsimil.slide.tiling import (
     GridLevel,
-    check_mags,
     check_native,
-    mag_name,
     nested_grids,
     nominal_magnification,
     nominal_patch_size_level0,
 )
-from wsimil.slide.tissue import TissueParams, detect_tissue, tissue_contours
+from wsimil.slide.tiling_job import (
+    SCHEMA_VERSION,
+    SlideSpec,
+    TileSettings,
+    TilingJob,
+    grid_dir_name,
+    links_dataset,
+    links_path,
+    patches_path,
+)
+from wsimil.slide.tissue import detect_tissue, tissue_contours
 
-SCHEMA_VERSION = 2  # 2: nominal patch_size_level0/level0_magnification; min_tissue 0 = touches tissue
 QC_MAX_SIDE = 1024
 SLIDE_EXTENSIONS = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".vmu"}
-
-
-@dataclass(frozen=True)
-class SlideSpec:
-    slide_id: str
-    path: str
-    mpp: float | None = None
-    extra: dict = field(default_factory=dict, hash=False, compare=False)  # other slide-table columns, kept as is
-
-
-@dataclass
-class TileSettings:
-    mags: list[float]
-    patch_size: int = 256
-    reader: str = "auto"
-    mpp: float | None = None  # override for every slide (a per-slide 'mpp' column wins)
-    min_tissue: float = 0.1
-    tissue: TissueParams = field(default_factory=TissueParams)
-
-    def key(self) -> str:
-        """Hash of everything that changes the output files (not the reader backend)."""
-        d = {
-            "mags": sorted(float(m) for m in self.mags),  # --mag 20 (CLI) and mags=[20] (API) tile the same
-            "patch_size": self.patch_size,
-            "min_tissue": self.min_tissue,
-            "tissue": self.tissue.to_dict(),
-            "schema": SCHEMA_VERSION,
-        }
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-    def validate(self) -> None:
-        """Refuse settings no slide could be tiled with, before any slide is read (one line each)."""
-        check_mags(self.mags)
-        if self.patch_size < 16:
-            raise WsimilError(f"--patch-size must be at least 16 pixels, got {self.patch_size}")
-        if not 0 <= self.min_tissue <= 1:
-            raise WsimilError(f"--min-tissue is a share of the patch in [0, 1], got {self.min_tissue:g}")
-        if self.reader not in READER_CHOICES:
-            raise WsimilError(f"unknown slide reader {self.reader!r}; choose from {', '.join(READER_CHOICES)}")
-        if self.mpp is not None and not MPP_RANGE[0] <= self.mpp <= MPP_RANGE[1]:
-            raise WsimilError(
-                f"--mpp {self.mpp:g} is outside {MPP_RANGE[0]}–{MPP_RANGE[1]} µm/px "
-                "(0.25 is a 40x scan, 0.5 a 20x scan)"
-            )
-
-
-def grid_dir_name(mag: float, patch_size: int) -> str:
-    return f"{mag_name(mag)}_{patch_size}px_0px_overlap"
-
-
-def patches_path(job: Path, mag: float, patch_size: int, slide_id: str) -> Path:
-    return Path(job) / grid_dir_name(mag, patch_size) / "patches" / f"{slide_id}_patches.h5"
-
-
-def links_path(job: Path, slide_id: str) -> Path:
-    return Path(job) / "links" / f"{slide_id}_links.h5"
-
-
-def check_tiled(job: Path, mag: float, patch_size: int) -> None:
-    """Refuse, before anything is loaded or written, a magnification and patch size the job holds no patches for;
-    the error lists the grids it has."""
-    want = patches_path(job, mag, patch_size, "").parent
-    if any(want.glob("*_patches.h5")):
-        return
-    have = []
-    for d in sorted(Path(job).glob("*_0px_overlap/patches")):
-        m, _, rest = d.parent.name.partition("_")
-        if any(d.glob("*_patches.h5")):
-            have.append(f"{m} ({rest.partition('_')[0].removesuffix('px')} px)")
-    held = f"it holds {', '.join(have)}" if have else f"no slide was tiled (see {Path(job) / 'status.csv'})"
-    raise WsimilError(
-        f"job {job} has no {mag_name(mag)} patches of {patch_size} px: {held}; pass one of those with --mag and "
-        f"--patch-size, or tile the slides at {mag_name(mag)} first (wsimil tile --mag {mag:g})"
-    )
 
 
 def collect_slides(spec: str | Path) -> list[SlideSpec]:
@@ -241,7 +165,7 @@ def tile_slide(spec: SlideSpec, job: Path, settings: TileSettings) -> dict:
             with atomic_path(links_path(job, spec.slide_id)) as tmp, h5py.File(tmp, "w") as f:
                 coarsest, finest = min(grids), max(grids)
                 for (lo, hi), lk in links.items():
-                    d = f.create_dataset(f"links_{mag_name(lo)}_{mag_name(hi)}", data=lk)
+                    d = f.create_dataset(links_dataset(lo, hi), data=lk)
                     d.attrs.update(
                         {
                             "low_grid": names[lo],
@@ -253,7 +177,7 @@ def tile_slide(spec: SlideSpec, job: Path, settings: TileSettings) -> dict:
                         }
                     )
                     if (lo, hi) == (coarsest, finest):
-                        f["links"] = h5py.SoftLink(f"/links_{mag_name(lo)}_{mag_name(hi)}")
+                        f["links"] = h5py.SoftLink(f"/{links_dataset(lo, hi)}")
         qc_thumb, qc_ds = slide.thumbnail(QC_MAX_SIDE) if max(thumb.shape[:2]) < QC_MAX_SIDE else (thumb, ds)
         write_qc(job / "qc" / f"{spec.slide_id}.png", qc_thumb, qc_ds, mask, ds, grids)
         row = {
@@ -355,12 +279,7 @@ def run_tiling(
     specs = collect_slides(slides) if not isinstance(slides, list) else slides
     job.mkdir(parents=True, exist_ok=True)
     remove_orphans(job, claim_timeout)
-    write_csv(
-        job / "slides.csv",
-        pd.DataFrame([{"slide_id": s.slide_id, "path": s.path, "mpp": s.mpp, **s.extra} for s in specs]),
-    )
-    cfg = asdict(settings)
-    write_yaml(job / "tiling.yaml", {**cfg, "settings_key": settings.key(), "wsimil_version": __version__})
+    TilingJob.create(job, settings, specs)
     rows: dict[str, dict] = {}
     with make_progress() as progress:
         task = progress.add_task("Tiling slides", total=len(specs), info="")

@@ -23,6 +23,7 @@ import pandas as pd
 
 from wsimil.io import atomic_path, write_csv, write_json
 from wsimil.progress import track
+from wsimil.slide.synth_layout import HIERARCHY
 
 MASK_DOWNSAMPLE = 16
 #: lesion kinds of :func:`render_slide` → extra nuclear density inside the foci (fraction of the stroma's)
@@ -31,12 +32,6 @@ TASKS = ("classification", "hierarchical", "survival")
 #: ``toy``: the generator of this module; ``camelyon``: lymph-node sections (:mod:`wsimil.slide.synth_camelyon`)
 PRESETS = ("toy", "camelyon")
 #: hierarchical cohort: fine class → (coarse class, lesion or None for no lesion)
-HIERARCHY = {
-    "normal": ("benign", None),
-    "hyperplasia": ("benign", "hyperplasia"),
-    "low_grade": ("malignant", "tumor"),
-    "high_grade": ("malignant", "high_grade"),
-}
 BACKGROUND = np.array([243, 242, 245], dtype=np.float32)
 STROMA = np.array([232, 178, 208], dtype=np.float32)
 NUCLEUS = np.array([92, 58, 140], dtype=np.float32)

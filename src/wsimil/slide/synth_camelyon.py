@@ -19,7 +19,15 @@ import numpy as np
 import pandas as pd
 
 from wsimil.io import atomic_path
-from wsimil.slide.synth_layout import MAP_UM, SIZE_CLASSES, SlideSpec, largest_focus_mm, make_layout, size_class
+from wsimil.slide.synth_layout import (
+    HIERARCHY,
+    MAP_UM,
+    SIZE_CLASSES,
+    SlideSpec,
+    largest_focus_mm,
+    make_layout,
+    size_class,
+)
 
 #: slide size (mm) when none is given: with 1–3 node sections and their fat, ~40–60 mm² of tissue
 SLIDE_MM = (12.0, 9.5)
@@ -46,8 +54,6 @@ def _classes(rng, n_pos: int, shares: dict[str, float]) -> list[str]:
 
 def plan_slides(task: str, n: int, seed: int, pos_fraction: float, tumor_fraction: float, shares: dict) -> list[dict]:
     """Per slide: ``label``, ``spec`` (:class:`SlideSpec`) and the task's extra manifest columns."""
-    from wsimil.slide.synth import HIERARCHY
-
     rng = np.random.default_rng([seed, 5])
     if task == "classification":
         n_pos = int(round(n * pos_fraction))

@@ -41,6 +41,13 @@ PROPS = np.array(
 )
 MIMICS = {1: "germinal_centre", 2: "sinus_histiocytosis", 3: "histiocyte_cluster"}
 SIZE_CLASSES = ("macro", "micro", "itc")
+#: the hierarchical task's fine class → (coarse class, lesion drawn); shared by the toy and camelyon presets
+HIERARCHY = {
+    "normal": ("benign", None),
+    "hyperplasia": ("benign", "hyperplasia"),
+    "low_grade": ("malignant", "tumor"),
+    "high_grade": ("malignant", "high_grade"),
+}
 
 
 @dataclass

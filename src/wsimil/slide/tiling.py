@@ -23,14 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-def mag_to_mpp(mag: float) -> float:
-    return 10.0 / mag
-
-
-def mag_name(mag: float) -> str:
-    return f"{mag:g}x"
-
+from wsimil.slide.mag import mag_to_mpp
 
 #: TRIDENT's µm/px → objective buckets: below each bound the slide counts as that magnification
 _MAG_BUCKETS = ((0.16, 80), (0.2, 60), (0.3, 40), (0.6, 20), (1.2, 10), (2.4, 5))
