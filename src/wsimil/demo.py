@@ -14,10 +14,10 @@ import time
 import warnings
 from pathlib import Path
 
-from wsimil.bundle import bundle_from_run
 from wsimil.config import load_config
 from wsimil.features.extract import ExtractSettings, features_dir, run_extraction
 from wsimil.methods.trainer import run_training
+from wsimil.predict.write import bundle_from_run
 from wsimil.progress import console
 from wsimil.report import build_report
 from wsimil.slide.job import TileSettings, run_tiling

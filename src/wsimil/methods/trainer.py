@@ -453,7 +453,7 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
         payload["repeat_metrics"] = summarize_repeats([r.metrics for r in results], [r.split.repeat for r in results])
     payload = nan_to_none(payload)
     write_json(out / "results.json", payload)
-    from wsimil.bundle import bundle_from_run
+    from wsimil.predict.write import bundle_from_run
 
     bundle_from_run(out)  # RUN/bundle/: everything `wsimil predict` needs (wsimil.bundle)
     return payload
