@@ -485,7 +485,7 @@ def heatmap(
     scale: Annotated[
         str, typer.Option(help="absolute (one scale for all slides: attention×N, probabilities 0-1), percentile.")
     ] = "absolute",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda ... (with --model/--run)")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda ... (with --bundle/--run)")] = "auto",
     mpp: Annotated[float | None, typer.Option(help="Level-0 µm/px for slides whose metadata lacks it.")] = None,
     expect_sha256: Annotated[str | None, typer.Option(help=EXPECT_HELP)] = None,
     threads: Threads = None,

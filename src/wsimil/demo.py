@@ -105,7 +105,7 @@ def run_demo(
         f"  cohort   {(out / 'cohort').resolve()}  (slides, tumour masks, manifest.csv)\n"
         f"  job      {job.resolve()}  (patches, links, features, qc/ images)\n"
         f"  runs     {(out / 'run_20x').resolve()}  and  {(out / 'run_5x').resolve()}\n"
-        f"  bundle   {bundle.resolve()}  (the 20x model: wsimil predict --model … --slides … --out …)\n"
+        f"  bundle   {bundle.resolve()}  (the 20x model: wsimil predict --bundle … --slides … --out …)\n"
         f"  report   {report.resolve()}  (open in a browser)"
     )
     return {
