@@ -27,7 +27,7 @@ def slide_patches(row, mag: float, patch_size: int, rng, max_neg: int) -> tuple[
     from PIL import Image
 
     from wsimil.features.patches import patch_labels_from_mask, read_block
-    from wsimil.lrmil.infer import tile_in_memory
+    from wsimil.predict.memory import tile_in_memory
     from wsimil.slide.job import SlideSpec, TileSettings
     from wsimil.slide.reader import open_slide
 

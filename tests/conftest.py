@@ -60,10 +60,10 @@ def tissue_iou(a: np.ndarray, b: np.ndarray) -> float:
 def digit_abmil_run(tmp_path_factory):
     """A 2-fold ABMIL run on 24 digit bags (features without slide provenance), with its bundle: ``(run folder,
     features, manifest)``. Shared: tests must not write into it."""
-    from wsimil.bundle import bundle_from_run
     from wsimil.config import load_config
     from wsimil.data.synthetic import make_digit_bags, write_bags
     from wsimil.methods.trainer import run_training
+    from wsimil.predict.write import bundle_from_run
 
     d = tmp_path_factory.mktemp("digits")
     manifest = write_bags(make_digit_bags(24, seed=5), d / "cohort")

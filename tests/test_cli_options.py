@@ -77,8 +77,8 @@ def test_renamed_flags_are_hidden_aliases():
 
 
 def test_deprecated_batch_size_still_sets_the_bag_batch(monkeypatch, tmp_path):
-    import wsimil.bundle
     import wsimil.methods.trainer
+    import wsimil.predict.write
 
     seen = {}
 
@@ -87,7 +87,7 @@ def test_deprecated_batch_size_still_sets_the_bag_batch(monkeypatch, tmp_path):
         return {"metrics": {}}
 
     monkeypatch.setattr(wsimil.methods.trainer, "run_training", fake_run)
-    monkeypatch.setattr(wsimil.bundle, "bundle_from_run", lambda run: Path(run) / "bundle")
+    monkeypatch.setattr(wsimil.predict.write, "bundle_from_run", lambda run: Path(run) / "bundle")
     base = ["train", "--features", str(tmp_path), "--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path)]
     with pytest.warns(FutureWarning, match="--batch-size is deprecated here; use --bag-batch-size"):
         res = CliRunner().invoke(app, [*base, "--batch-size", "3"])

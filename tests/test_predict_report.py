@@ -22,10 +22,10 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def synth_run(tmp_path_factory):
     """4 synthetic slides (2 with tumour) tiled at 20x, ResNet-18 (seeded random) features, 2-fold ABMIL."""
-    from wsimil.bundle import bundle_from_run
     from wsimil.config import load_config
     from wsimil.features.extract import ExtractSettings, features_dir, run_extraction
     from wsimil.methods.trainer import run_training
+    from wsimil.predict.write import bundle_from_run
     from wsimil.slide.job import TileSettings, run_tiling
     from wsimil.slide.synth import make_cohort
 
@@ -44,7 +44,7 @@ def synth_run(tmp_path_factory):
 
 
 def test_bundle_records_slide_settings(synth_run):
-    from wsimil.bundle import load_bundle
+    from wsimil.predict.bundle import load_bundle
 
     d, _ = synth_run
     b = load_bundle(d / "run" / "bundle")
@@ -55,8 +55,8 @@ def test_bundle_records_slide_settings(synth_run):
 def test_predict_matches_training_features_and_reports_bad_slides(synth_run, tmp_path):
     """Predicting a training slide from its file recomputes the same tiles and features, so the probabilities equal
     the ensemble applied to the training features; a truncated slide fails alone (exit 1, listed in status.csv)."""
-    from wsimil.bundle import load_bundle
     from wsimil.features.store import FeatureStore
+    from wsimil.predict.bundle import load_bundle
 
     d, feats = synth_run
     good = d / "cohort" / "slides" / "synth_0000.svs"
@@ -66,7 +66,7 @@ def test_predict_matches_training_features_and_reports_bad_slides(synth_run, tmp
     pd.DataFrame({"path": [str(good), str(bad)], "label": ["0", "1"], "tumor_mask": [str(mask), ""]}).to_csv(
         tmp_path / "slides.csv", index=False
     )
-    args = ["predict", "--model", str(d / "run" / "bundle"), "--slides", str(tmp_path / "slides.csv")]
+    args = ["predict", "--bundle", str(d / "run" / "bundle"), "--slides", str(tmp_path / "slides.csv")]
     res = runner.invoke(app, [*args, "--out", str(tmp_path / "p"), "--device", "cpu"])
     assert res.exit_code == 1, res.output
     assert "failed broken" in res.output.replace("\n", " ")
@@ -80,7 +80,7 @@ def test_predict_matches_training_features_and_reports_bad_slides(synth_run, tmp
     x = torch.from_numpy(bag.features)[None]
     want = torch.stack([torch.softmax(m(s(x)).logits, -1)[0] for m, s in b.load_models()]).mean(0).detach().numpy()
     np.testing.assert_allclose(pred[["prob_0", "prob_1"]].to_numpy()[0], want, atol=1e-4)
-    from wsimil.inference import read_scores
+    from wsimil.predict.score import read_scores
 
     sc = read_scores(tmp_path / "p" / "scores" / "synth_0000.h5")
     assert sc["coords"].tolist() == bag.coords.tolist() and abs(sc["maps"]["attention"].sum() - 1) < 1e-4
@@ -105,14 +105,14 @@ def test_predict_real_svs_and_heatmap(synth_run, tmp_path):
     d, _ = synth_run
     res = runner.invoke(
         app,
-        ["predict", "--model", str(d / "run" / "bundle"), "--slides", str(svs), "--out", str(tmp_path / "p"),
+        ["predict", "--bundle", str(d / "run" / "bundle"), "--slides", str(svs), "--out", str(tmp_path / "p"),
          "--device", "cpu"],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     pred = pd.read_csv(tmp_path / "p" / "predictions.csv")
     assert pred["slide_id"].tolist() == ["cmu_small_region"] and pred["predicted"].astype(str).isin(["0", "1"]).all()
     assert abs(pred["prob_0"].iloc[0] + pred["prob_1"].iloc[0] - 1) < 1e-5
-    from wsimil.inference import read_scores
+    from wsimil.predict.score import read_scores
 
     sc = read_scores(tmp_path / "p" / "scores" / "cmu_small_region.h5")
     n = len(sc["coords"])
@@ -136,7 +136,7 @@ def test_heatmap_of_a_run(synth_run, tmp_path):
     want = [f"synth_000{i}__{m}.png" for i in range(4) for m in ("attention", "evidence-1")]
     assert sorted(p.name for p in tmp_path.glob("*.png")) == want  # ABMIL: attention and patch evidence
     res = runner.invoke(app, ["heatmap", "--out", str(tmp_path)])
-    assert res.exit_code == 2 and "exactly one of --model" in res.output
+    assert res.exit_code == 2 and "exactly one of --bundle" in res.output
 
 
 def _report(synth_run):
@@ -235,7 +235,7 @@ def test_predict_leaves_claimed_slides_to_other_workers(synth_run, tmp_path):
         tmp_path / "slides.csv", index=False
     )
     out = tmp_path / "p"
-    args = ["predict", "--model", str(d / "run" / "bundle"), "--slides", str(tmp_path / "slides.csv"), "--out",
+    args = ["predict", "--bundle", str(d / "run" / "bundle"), "--slides", str(tmp_path / "slides.csv"), "--out",
             str(out), "--device", "cpu"]  # fmt: skip
     with try_claim(out / "job", "synth_0001"):  # another worker tiles synth_0001
         res = runner.invoke(app, args)

@@ -15,11 +15,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from wsimil.bundle import bundle_digest, bundle_from_run, load_bundle
 from wsimil.checkpoint import fold_checkpoint, fold_checkpoints, load_checkpoint, safe_torch_load, save_checkpoint
 from wsimil.cli import app
 from wsimil.errors import WsimilError
 from wsimil.features.encoders import sha256_file
+from wsimil.predict.bundle import BUNDLE_FORMAT, load_bundle
+from wsimil.predict.digest import bundle_digest
+from wsimil.predict.write import bundle_from_run
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "wsimil"
 
@@ -118,7 +120,7 @@ def test_bundle_with_a_payload_member_is_refused_and_nothing_runs(run, tmp_path)
         bundle = bundle_from_run(runs, tmp_path / f"b_{name is None}")
         marker = tmp_path / f"pwned_{name is None}"
         _poison_member(bundle, marker, name)
-        res = CliRunner().invoke(app, ["predict", "--model", str(bundle), "--features", str(feats), "--out",
+        res = CliRunner().invoke(app, ["predict", "--bundle", str(bundle), "--features", str(feats), "--out",
                                        str(tmp_path / "p")])  # fmt: skip
         assert res.exit_code == 2, res.output
         why = "could run code" if name else "not a safetensors file"
@@ -162,18 +164,18 @@ def test_expect_sha256_pins_the_bundle(run, tmp_path):
     assert out.split()[0] == digest
     (tmp_path / "b.sha256").write_text(out)
     for pin in (digest, str(tmp_path / "b.sha256")):
-        res = CliRunner().invoke(app, ["predict", "--model", str(bundle), "--features", str(feats), "--out",
+        res = CliRunner().invoke(app, ["predict", "--bundle", str(bundle), "--features", str(feats), "--out",
                                        str(tmp_path / "ok"), "--expect-sha256", pin])  # fmt: skip
         assert res.exit_code == 0, res.output
     # any change to any file of the bundle changes the digest; predict refuses before loading anything
     meta = json.loads((bundle / "bundle.json").read_text())
     meta["classes"] = meta["classes"][::-1]
     (bundle / "bundle.json").write_text(json.dumps(meta))
-    res = CliRunner().invoke(app, ["predict", "--model", str(bundle), "--features", str(feats), "--out",
+    res = CliRunner().invoke(app, ["predict", "--bundle", str(bundle), "--features", str(feats), "--out",
                                    str(tmp_path / "no"), "--expect-sha256", digest])  # fmt: skip
     assert res.exit_code == 2 and "not the expected" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "no").exists()
-    res = CliRunner().invoke(app, ["predict", "--model", str(bundle), "--features", str(feats), "--out",
+    res = CliRunner().invoke(app, ["predict", "--bundle", str(bundle), "--features", str(feats), "--out",
                                    str(tmp_path / "no"), "--expect-sha256", "abc"])  # fmt: skip
     assert res.exit_code == 2 and "not a SHA-256" in res.output
 
@@ -195,8 +197,8 @@ def test_format_1_bundle_loads_safely_and_converts(run, tmp_path):
     res = CliRunner().invoke(app, ["convert", "bundle", str(old), "--out", str(tmp_path / "conv")])
     assert res.exit_code == 0, res.output
     conv = load_bundle(tmp_path / "conv")
-    assert conv.format_version == 2 and all(m.file.endswith(".safetensors") for m in conv.members)
-    from wsimil.inference import predict_features
+    assert conv.format_version == BUNDLE_FORMAT and all(m.file.endswith(".safetensors") for m in conv.members)
+    from wsimil.predict.pipeline import predict_features
 
     a = predict_features(old, feats, tmp_path / "pa")
     b = predict_features(conv, feats, tmp_path / "pb")

@@ -239,7 +239,7 @@ def test_predict_refuses_features_of_another_width_before_writing(tmp_path):
     out = tmp_path / "pred"
     bundle = str(tmp_path / "run" / "bundle")
     printed = _fails(
-        ["predict", "--model", bundle, "--features", str(tmp_path / "wide"), "--out", str(out)],
+        ["predict", "--bundle", bundle, "--features", str(tmp_path / "wide"), "--out", str(out)],
         "are 6-d (3 bags), but bundle",
         "expects 4-d features",
     )

@@ -139,9 +139,9 @@ def train(
     """Train a MIL model with cross-validation.
 
     Writes config.yaml, results.json, predictions.csv, history.csv, per-fold checkpoints and bundle/ to --out."""
-    from wsimil.bundle import bundle_from_run
     from wsimil.config import load_config, parse_key_values
     from wsimil.methods.trainer import run_training
+    from wsimil.predict.write import bundle_from_run
     from wsimil.progress import console
 
     method_kwargs = parse_key_values(method_opt, "--method-opt")
@@ -220,11 +220,12 @@ def convert_mil_csv(
 @convert_app.command("bundle")
 @_user_errors
 def convert_bundle(
-    bundle: Annotated[Path, typer.Argument(help="A bundle written by wsimil 0.1 (format 1, .pt members).")],
-    out: Annotated[Path, typer.Option(help="Folder for the converted bundle (safetensors members).")],
+    bundle: Annotated[Path, typer.Argument(help="An older bundle (format 1 .pt members, format 2, LRMIL lrmil.json).")],
+    out: Annotated[Path, typer.Option(help="Folder for the converted bundle (current format, safetensors members).")],
 ) -> None:
-    """Rewrite an old bundle's members as safetensors (read through the safe loader; code is refused)."""
-    from wsimil.bundle import bundle_digest, upgrade_bundle
+    """Rewrite an older bundle in the current format (members read through the safe loader; code is refused)."""
+    from wsimil.predict.digest import bundle_digest
+    from wsimil.predict.write import upgrade_bundle
     from wsimil.progress import console
 
     path = upgrade_bundle(bundle, out)
@@ -238,7 +239,8 @@ def digest(
 ) -> None:
     """Print a bundle's SHA-256 (every file in it): share it with the bundle; receivers pass it to
     `wsimil predict --expect-sha256`."""
-    from wsimil.bundle import bundle_digest, bundle_folder
+    from wsimil.predict.bundle import bundle_folder
+    from wsimil.predict.digest import bundle_digest
 
     folder = bundle_folder(bundle)
     if not folder.is_dir():
@@ -411,13 +413,30 @@ def demo(
     run_demo(out, seed=seed, epochs=epochs, device=device, n_slides=slides, threads=threads)
 
 
+BundleOpt = Annotated[
+    Path | None, typer.Option(help="Model bundle: RUN/bundle written by `wsimil train` or by `wsimil lrmil`.")
+]
+OldModelOpt = Annotated[Path | None, typer.Option("--model", hidden=True, help="Deprecated alias of --bundle.")]
+
+
+def _bundle_option(bundle: Path | None, model: Path | None, required: bool = True) -> Path | None:
+    """``--bundle``, or its deprecated alias ``--model`` (which names an aggregator in ``wsimil train``)."""
+    if model is not None:
+        typer.echo(
+            "warning: --model is deprecated here (it names an aggregator in `wsimil train`); use --bundle", err=True
+        )
+        if bundle is not None:
+            raise WsimilError("give --bundle once (--model is its deprecated alias)")
+    if required and (bundle or model) is None:
+        raise WsimilError("missing option --bundle (the model bundle folder)")
+    return bundle or model
+
+
 @app.command()
 @_user_errors
 def predict(
-    model: Annotated[
-        Path, typer.Option(help="Model bundle: RUN/bundle written by `wsimil train` or by `wsimil lrmil`.")
-    ],
     out: Annotated[Path, typer.Option(help="Output folder: predictions.csv, scores/, status.csv, job/ (cache).")],
+    bundle: BundleOpt = None,
     slides: Annotated[
         str | None, typer.Option(help="A slide folder, a CSV with a 'path' column, or one slide file.")
     ] = None,
@@ -440,6 +459,7 @@ def predict(
     expect_sha256: Annotated[str | None, typer.Option(help=EXPECT_HELP)] = None,
     claim_timeout: ClaimTimeout = 600.0,
     threads: Threads = None,
+    model: OldModelOpt = None,
 ) -> None:
     """Predict new slides with a model bundle: tile → encode → aggregate (cached tiles and features are reused).
 
@@ -448,20 +468,21 @@ def predict(
 
     An LRMIL bundle tiles at 5x only and encodes with each fold's distilled encoder (one --fold is fastest); nothing
     at 20x is read and no tiling cache is kept."""
-    from wsimil.inference import predict_features, predict_slides
+    from wsimil.predict.pipeline import predict_features, predict_slides
     from wsimil.progress import console
 
+    bundle = _bundle_option(bundle, model)
     if (slides is None) == (features is None):
         raise WsimilError("give exactly one of --slides (slide files) or --features (a feature folder)")
     use_threads(threads, "image" if slides else "mil", workers=workers)  # extraction re-resolves it for encoding
     if features is not None:
         table = predict_features(
-            model, features, out, device=device, folds=fold or None, expect_sha256=expect_sha256,
+            bundle, features, out, device=device, folds=fold or None, expect_sha256=expect_sha256,
             claim_timeout=claim_timeout,
         )  # fmt: skip
     else:
         table = predict_slides(
-            model,
+            bundle,
             slides,
             out,
             device=device,
@@ -485,7 +506,7 @@ def predict(
 @_user_errors
 def heatmap(
     out: Annotated[Path, typer.Option(help="Folder for the PNGs ({slide_id}__{map}.png).")],
-    model: Annotated[
+    bundle: Annotated[
         Path | None, typer.Option(help="Model bundle: predict --slides first (cache in OUT/predict).")
     ] = None,
     slides: Annotated[
@@ -501,35 +522,37 @@ def heatmap(
     scale: Annotated[
         str, typer.Option(help="absolute (one scale for all slides: attention×N, probabilities 0-1), percentile.")
     ] = "absolute",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda ... (with --model/--run)")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda ... (with --bundle/--run)")] = "auto",
     mpp: Annotated[float | None, typer.Option(help="Level-0 µm/px for slides whose metadata lacks it.")] = None,
     expect_sha256: Annotated[str | None, typer.Option(help=EXPECT_HELP)] = None,
     threads: Threads = None,
+    model: OldModelOpt = None,
 ) -> None:
     """Draw attention / instance-score heatmaps over slide thumbnails, with tissue contours and the top-k patches.
 
-    One of: --model BUNDLE --slides X (predicts first, reusing its cache), --predictions DIR, or --run RUN.
+    One of: --bundle BUNDLE --slides X (predicts first, reusing its cache), --predictions DIR, or --run RUN.
     Multi-class models get one map per class (HMIL: both levels). Exits 1 if any slide failed."""
     from wsimil.progress import console
     from wsimil.viz.heatmap import heatmaps_for_predictions, heatmaps_for_run
 
-    if sum(x is not None for x in (model, predictions, run)) != 1:
-        raise WsimilError("give exactly one of --model (with --slides), --predictions or --run")
+    bundle = _bundle_option(bundle, model, required=False)
+    if sum(x is not None for x in (bundle, predictions, run)) != 1:
+        raise WsimilError("give exactly one of --bundle (with --slides), --predictions or --run")
     kw = {"size": size, "k": top_k, "scale": scale}
     use_threads(threads, "image")
-    if model is not None:
-        from wsimil.inference import predict_slides
+    if bundle is not None:
+        from wsimil.predict.pipeline import predict_slides
 
         if slides is None:
-            raise WsimilError("--model needs --slides (the slides to predict and draw)")
+            raise WsimilError("--bundle needs --slides (the slides to predict and draw)")
         predictions = out / "predict"
-        table = predict_slides(model, slides, predictions, device=device, mpp=mpp, expect_sha256=expect_sha256)
+        table = predict_slides(bundle, slides, predictions, device=device, mpp=mpp, expect_sha256=expect_sha256)
         slides = None
     if run is not None:
         pngs, failed = heatmaps_for_run(run, out, map_name, slides, **kw)
     else:
         pngs, failed = heatmaps_for_predictions(predictions, out, map_name, slides, **kw)
-    if model is not None:
+    if bundle is not None:
         failed.update({r["slide_id"]: r["error"] for _, r in table.iterrows() if r["status"] == "failed"})
     console.print(f"Wrote {len(pngs)} heatmap(s) to {out}", soft_wrap=True)
     for sid, err in failed.items():

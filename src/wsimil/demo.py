@@ -14,10 +14,10 @@ import time
 import warnings
 from pathlib import Path
 
-from wsimil.bundle import bundle_from_run
 from wsimil.config import load_config
 from wsimil.features.extract import ExtractSettings, features_dir, run_extraction
 from wsimil.methods.trainer import run_training
+from wsimil.predict.write import bundle_from_run
 from wsimil.progress import console
 from wsimil.report import build_report
 from wsimil.slide.job import TileSettings, run_tiling
@@ -105,7 +105,7 @@ def run_demo(
         f"  cohort   {(out / 'cohort').resolve()}  (slides, tumour masks, manifest.csv)\n"
         f"  job      {job.resolve()}  (patches, links, features, qc/ images)\n"
         f"  runs     {(out / 'run_20x').resolve()}  and  {(out / 'run_5x').resolve()}\n"
-        f"  bundle   {bundle.resolve()}  (the 20x model: wsimil predict --model … --slides … --out …)\n"
+        f"  bundle   {bundle.resolve()}  (the 20x model: wsimil predict --bundle … --slides … --out …)\n"
         f"  report   {report.resolve()}  (open in a browser)"
     )
     return {

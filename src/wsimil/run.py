@@ -9,7 +9,7 @@ Layout of ``RUN/`` (written by :func:`wsimil.methods.trainer.run_training`, read
     predictions.csv                       out-of-fold predictions of every test slide
     results.json                          metrics per fold and summarised; its presence marks a finished run
     baseline/                             a nested run (MHIM's teacher initialisation), same layout
-    bundle/                               written by ``wsimil train`` after training (:mod:`wsimil.bundle`)
+    bundle/                               written by ``wsimil train`` after training (:mod:`wsimil.predict`)
 
 Every path of that layout is named here and nowhere else; a fold checkpoint is turned back into its model only by
 :func:`load_fold` (the config a checkpoint records → the method → ``method.build`` → the weights).

@@ -70,8 +70,9 @@ def test_standardizer_fit_in_chunks_matches_float64():
 def test_training_with_folding_equals_training_on_standardised_bags(digit_cohort, tmp_path, monkeypatch):
     """The trainer folds the standardiser for ABMIL: same folds, metrics and checkpoint meaning as the explicit path."""
     from wsimil.config import load_config
-    from wsimil.methods.trainer import load_model, run_training
+    from wsimil.methods.trainer import run_training
     from wsimil.models.base import MILModel
+    from wsimil.run import load_model
 
     feats, manifest = digit_cohort
     fast = dict(epochs=2, folds=2, lr=1e-3, model_kwargs={"hidden_dims": [32], "attn_dim": 16}, bootstrap=0)

@@ -64,10 +64,10 @@ def test_patho_bench_patient_rule_holds_and_wsimil_keeps_exact_geometry(cohort):
     # wsimil's own geometry: the exact footprint (reading patches, heatmaps/scores)
     grid = PatchGrid.from_h5(patches_path(job, 20, 256, "p1_b"))
     assert grid.step0 == pytest.approx(EXACT_0_2527)
-    from wsimil.inference import _patch_size_level0
+    from wsimil.predict.pipeline import patch_size_level0
 
-    assert _patch_size_level0(feats / "p1_b.h5") == pytest.approx(EXACT_0_2527)
-    assert _patch_size_level0(feats / "p2_a.h5") == 256
+    assert patch_size_level0(feats / "p1_b.h5") == pytest.approx(EXACT_0_2527)
+    assert patch_size_level0(feats / "p2_a.h5") == 256
 
 
 def test_export_clam_both_directions(cohort, tmp_path):

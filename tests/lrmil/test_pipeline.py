@@ -155,11 +155,12 @@ def test_ablation_flags_reuse_the_shared_steps(run, tmp_path):
     assert ck["method_kwargs"]["lambda_bag"] == 0.0
     assert res["metrics"]["teacher_hr"] == run["res"]["metrics"]["teacher_hr"]
     # its bundle (no distilled encoder) encodes at the size the student was trained on, so it reproduces the student
-    from wsimil.lrmil.bundle import load_lrmil_bundle, predict_slides
     from wsimil.lrmil.job import LRMILJob
+    from wsimil.predict.pipeline import predict_slides
 
     k, _, test = folds_of(run["out"])[0]  # the shared run holds the splits
-    got = predict_slides(load_lrmil_bundle(out), [LRMILJob(run["job"]).spec(test[0])], folds=[k])
+    predict_slides(out, [LRMILJob(run["job"]).spec(test[0])], tmp_path / "p", device="cpu", folds=[k])
+    got = pd.read_csv(tmp_path / "p" / "predictions.csv")
     want = pd.read_csv(out / "student" / f"fold{k}" / "predictions.csv").set_index("slide_id")
     assert got.prob_1[0] == pytest.approx(want.loc[test[0], "prob_1"], abs=1e-4)
 
@@ -167,8 +168,9 @@ def test_ablation_flags_reuse_the_shared_steps(run, tmp_path):
 def test_bundle_predicts_from_5x_only(run, monkeypatch, tmp_path):
     """The saved LR pipeline reproduces the student's test predictions while never reading a level finer than 5x
     needs (the slides are 20x scans: level 0 is 0.5 µm/px, level 1 is 2 µm/px)."""
-    from wsimil.lrmil.bundle import load_lrmil_bundle, predict_slides
     from wsimil.lrmil.job import LRMILJob
+    from wsimil.predict.bundle import load_bundle
+    from wsimil.predict.pipeline import predict_slides
     from wsimil.slide import reader
 
     out = run["out"]
@@ -183,18 +185,19 @@ def test_bundle_predicts_from_5x_only(run, monkeypatch, tmp_path):
         monkeypatch.setattr(cls, "_read", spy)
     k, _, test = folds_of(out)[0]
     job = LRMILJob(run["job"])
-    bundle = load_lrmil_bundle(out)
-    assert bundle.classes == ["0", "1"] and bundle.folds == [0, 1]
+    bundle = load_bundle(out)
+    assert bundle.classes == ["0", "1"] and [m.fold for m in bundle.members] == [0, 1]
+    assert all(m.encoder is not None and m.encoder.distilled for m in bundle.members)  # each fold's own encoder
     slides = tmp_path / "slides.csv"
     pd.DataFrame({"slide_id": test, "path": [job.slides[s]["path"] for s in test]}).to_csv(slides, index=False)
     pred = tmp_path / "pred"
-    args = ["predict", "--model", str(out / "bundle"), "--slides", str(slides), "--out", str(pred)]
+    args = ["predict", "--bundle", str(out / "bundle"), "--slides", str(slides), "--out", str(pred)]
     res = CliRunner().invoke(app, [*args, "--fold", str(k), "--device", "cpu"])
     assert res.exit_code == 0, res.output
     got = pd.read_csv(pred / "predictions.csv").set_index("slide_id")
     assert (pd.read_csv(pred / "status.csv").status == "ok").all()
     assert set(got.predicted.astype(str)) <= {"0", "1"} and (got.n_patches > 0).all()
-    from wsimil.inference import read_scores
+    from wsimil.predict.score import read_scores
 
     sc = read_scores(pred / "scores" / f"{test[0]}.h5")  # 5x attention over the slide's 5x patches, for heatmaps
     assert sc["maps"]["attention"].shape == (got.loc[test[0], "n_patches"],)
@@ -203,10 +206,14 @@ def test_bundle_predicts_from_5x_only(run, monkeypatch, tmp_path):
     assert reads and min(reads) == pytest.approx(2.0)  # only the 2 µm/px level (and the thumbnail) was read
     want = pd.read_csv(out / "student" / f"fold{k}" / "predictions.csv").set_index("slide_id")
     assert np.allclose(got.loc[test, "prob_1"], want.loc[test, "prob_1"], atol=1e-4)
+
     # every fold: the mean of the fold pipelines
-    both = predict_slides(bundle, [job.spec(test[0])])
-    one = [predict_slides(bundle, [job.spec(test[0])], folds=[f]).prob_1[0] for f in bundle.folds]
-    assert both.prob_1[0] == pytest.approx(np.mean(one), abs=1e-6)
+    def prob_1(name, folds=None):
+        predict_slides(bundle, [job.spec(test[0])], tmp_path / name, device="cpu", folds=folds)
+        return pd.read_csv(tmp_path / name / "predictions.csv").prob_1[0]
+
+    one = [prob_1(f"fold{f}", [f]) for f in (0, 1)]
+    assert prob_1("both") == pytest.approx(np.mean(one), abs=1e-6)
     # the instrument does see 20x reads when they happen
     reads.clear()
     from wsimil.features.extract import EncodeSettings, encode_grid, final_fn
@@ -233,7 +240,7 @@ def test_predict_lrmil_bundle_isolates_a_bad_slide(run, tmp_path):
         slides, index=False
     )
     pred = tmp_path / "pred"
-    base = ["predict", "--model", str(out), "--device", "cpu", "--fold", str(k)]
+    base = ["predict", "--bundle", str(out), "--device", "cpu", "--fold", str(k)]
     res = CliRunner().invoke(app, [*base, "--slides", str(slides), "--out", str(pred)])
     assert res.exit_code == 1, res.output
     st = pd.read_csv(pred / "status.csv").set_index("slide_id")

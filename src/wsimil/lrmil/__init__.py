@@ -9,8 +9,8 @@ Steps, each usable on its own (see :mod:`wsimil.lrmil.pipeline` for the order, t
 - :mod:`wsimil.methods.lrmil` — the stage-2 student as trainer method ``lrmil`` (model ``lrmil_student``);
 - :mod:`~wsimil.lrmil.losses` — every loss as a pure function; :mod:`~wsimil.lrmil.taps` — timm
   ``forward_intermediates`` for CNNs and ViTs;
-- :mod:`~wsimil.lrmil.infer` / :mod:`~wsimil.lrmil.bundle` — the inference paths, their timing, the saved LR
-  pipeline, ``predict_slides`` (a table) and ``predict_to_folder`` (``wsimil predict``).
+- the saved LR pipeline is an ordinary bundle whose members carry their distilled encoders
+  (:func:`wsimil.predict.write.bundle_from_distilled`), scored by :func:`wsimil.predict.pipeline.predict_slides`.
 
 ``run_lrmil(load_lrmil_config(...), job, manifest, out)`` runs everything (``wsimil lrmil`` on the command line).
 """
@@ -23,9 +23,6 @@ _EXPORTS = {
     "run_lrmil": "wsimil.lrmil.pipeline",
     "LRMILConfig": "wsimil.lrmil.config",
     "load_lrmil_config": "wsimil.lrmil.config",
-    "predict_slides": "wsimil.lrmil.bundle",
-    "predict_to_folder": "wsimil.lrmil.bundle",
-    "load_lrmil_bundle": "wsimil.lrmil.bundle",
 }
 
 __all__ = sorted(_EXPORTS)

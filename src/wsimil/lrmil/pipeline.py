@@ -274,9 +274,9 @@ def run_lrmil(
     timing = time_run(cfg, j, teacher, splits[0], t_dir, out, encoders, s1_input, st, device)
     if done("timing"):
         return {}
-    from wsimil.lrmil.bundle import save_bundle
+    from wsimil.predict.write import bundle_from_distilled
 
-    save_bundle(
+    bundle_from_distilled(
         out / "bundle",
         [
             (
@@ -424,8 +424,8 @@ def lr_input_size(cfg: LRMILConfig, j: LRMILJob, teacher: Encoder) -> int:
 def time_run(cfg, j, teacher, sp, t_dir, out, encoders, lr_input, st, device) -> dict:
     """Time both inference paths on up to ``cfg.timing_slides`` test slides of the first fold with that fold's
     models; cached in ``timing.json`` under a key of the models."""
-    from wsimil.lrmil.infer import SlidePipeline, time_paths
     from wsimil.lrmil.stage1 import load_student
+    from wsimil.predict.memory import SlidePipeline, time_paths
     from wsimil.run import load_model
 
     slides = sp.test[: cfg.timing_slides]

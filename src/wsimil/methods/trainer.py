@@ -4,7 +4,7 @@ checkpoints, ``history.csv``, ``predictions.csv`` and ``results.json``. The run 
 (:mod:`wsimil.evaluation.tasks`); each fold gets a fresh method object (:func:`wsimil.methods.create_method`).
 
 Outputs of ``run_training(cfg, features, manifest, out)`` (the bundle is written by ``wsimil train``,
-:func:`wsimil.bundle.bundle_from_run`, not here):
+:func:`wsimil.predict.write.bundle_from_run`, not here):
 
 - ``config.yaml``: the resolved configuration (plus data paths, classes, feature width, version);
 - ``checkpoints/repeat{r}_fold{k}.safetensors``: per-fold weights and metadata, no pickle (a re-run with the
@@ -366,7 +366,7 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
     """Train ``cfg.model`` with ``cfg.method`` over the configured folds; write the run folder; return results.
 
     The run's bundle (``RUN/bundle``) is not written here: ``wsimil train`` writes it after training
-    (:func:`wsimil.bundle.bundle_from_run`)."""
+    (:func:`wsimil.predict.write.bundle_from_run`)."""
     run = out if isinstance(out, RunDir) else RunDir(out)
     device = resolve_device(cfg.device)
     task = get_task(cfg.task)

@@ -294,7 +294,7 @@ def _classification_table(first: pd.DataFrame, classes: list[str]) -> str:
 def _slides_section(
     run: Path, pred: pd.DataFrame, classes: list[str], slides, max_heatmaps: int, size: int, top_k: int
 ) -> str:
-    from wsimil.inference import score_run_slides
+    from wsimil.predict.runs import score_run_slides
     from wsimil.viz.heatmap import render_heatmap, run_heatmap_input, run_truth
 
     first = pred.drop_duplicates("slide_id", keep="first").copy()

@@ -92,7 +92,7 @@ def _ratio(log2: float) -> str:
 
 def map_kind(name: str) -> str:
     """``"instance"`` for maps of per-patch probabilities (``instance:…`` and ABMIL's ``evidence:…``, see
-    :mod:`wsimil.inference`), ``"attention"`` for the rest."""
+    :mod:`wsimil.predict.score`), ``"attention"`` for the rest."""
     return "instance" if name.split(":")[0] in ("instance", "evidence") else "attention"
 
 
@@ -364,7 +364,7 @@ def heatmaps_from_scores(
     """One PNG per map of a scores file written by ``wsimil predict`` (``OUT/scores/{slide_id}.h5``):
     ``out_dir/{slide_id}__{map}.png``. ``maps`` picks maps by name (default: all); ``truth`` is the slide's
     entry of :func:`slide_truth` (label, tumour mask)."""
-    from wsimil.inference import read_scores
+    from wsimil.predict.score import read_scores
 
     s = read_scores(scores_h5)
     a = s["attrs"]
@@ -436,7 +436,7 @@ def run_truth(run: str | Path, slides: str | Path | None = None) -> dict[str, di
 
 
 def run_heatmap_input(s, name: str, classes: list[str] | None, truth: dict | None) -> HeatmapInput:
-    """The :class:`HeatmapInput` of one map of a slide scored out of fold (:class:`wsimil.inference.RunSlide`)."""
+    """The :class:`HeatmapInput` of one map of a slide scored out of fold (:class:`wsimil.predict.runs.RunSlide`)."""
     kind = map_kind(name)
     return HeatmapInput(s.slide_id, s.slide_path, s.coords, s.patch_size_level0, s.scores.maps[name], name, kind,
                         s.mag, subtitle=f"fold {s.fold} model (this slide was in its test part)",
@@ -453,10 +453,10 @@ def heatmaps_for_run(
     scale: str = "absolute",
 ) -> tuple[list[Path], dict[str, str]]:
     """Out-of-fold heatmaps of a training run's slides (each scored by the fold model that held it out, see
-    :func:`wsimil.inference.score_run_slides`); returns ``(PNG paths, {slide_id: error})``."""
+    :func:`wsimil.predict.runs.score_run_slides`); returns ``(PNG paths, {slide_id: error})``."""
     import yaml
 
-    from wsimil.inference import score_run_slides
+    from wsimil.predict.runs import score_run_slides
 
     scored = score_run_slides(run, slides=slides)
     if not scored:

@@ -1,6 +1,7 @@
-"""Slide → prediction at one magnification, end to end (tile + read + encode + predict), and the timing of the HR
-and LR inference paths that every LRMIL run reports (SPEC §1: "measured seconds per slide for the HR and LR
-inference paths").
+"""Slides scored in memory: tiling one magnification without writing a tiling job (:func:`tile_in_memory`, the
+tiling of bundles whose members carry their own encoders), one slide → prediction path end to end (tile + read +
+encode + predict, :class:`SlidePipeline`) and the timing of the HR and LR inference paths that every LRMIL run
+reports (SPEC §1: "measured seconds per slide for the HR and LR inference paths").
 
 The LR path (SPEC §1 step 6) tiles at 5× only, so every read comes from the pyramid level closest below 2 µm/px:
 nothing at 20× is opened (tested by instrumenting the reader).
@@ -19,6 +20,7 @@ from wsimil.features.encoders import Encoder
 from wsimil.features.extract import EncodeSettings, encode_grid, final_fn
 from wsimil.features.patches import PatchGrid
 from wsimil.models import MILModel
+from wsimil.predict.score import Heads, score_bag
 from wsimil.slide.job import SlideSpec, TileSettings
 
 
@@ -49,16 +51,9 @@ class SlidePipeline:
         out = encode_grid(final_fn(self.encoder), grid, self.encode, mpp)
         return out.get("features", np.zeros((0, self.encoder.embed_dim), dtype=np.float32))
 
-    @torch.no_grad()
     def classify(self, feats: np.ndarray) -> np.ndarray:
-        """Mean class probabilities ``(C,)`` of the members for one bag ``(N, D)``."""
-        x0 = torch.from_numpy(feats).to(self.encode.device)
-        probs = []
-        for model, std in self.members:
-            model.eval()
-            x = std(x0) if std is not None else x0
-            probs.append(model(x.unsqueeze(0)).logits.float().softmax(-1)[0].cpu().numpy())
-        return np.mean(probs, 0)
+        """Mean class probabilities ``(C,)`` of the members for one bag ``(N, D)`` (the ensemble scorer, no maps)."""
+        return score_bag(self.members, feats, Heads(), self.encode.device, maps=False).probs
 
     def predict(self, spec: SlideSpec) -> tuple[np.ndarray, int]:
         """Tile, read, encode and classify one slide; returns ``(class probabilities (C,), number of patches)``."""

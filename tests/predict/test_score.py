@@ -1,4 +1,4 @@
-"""Per-patch maps and ensemble scores of ``wsimil.inference.score_bag`` against hand computations."""
+"""Per-patch maps and ensemble scores of ``wsimil.predict.score.score_bag`` against hand computations."""
 
 from types import SimpleNamespace
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from wsimil.inference import read_scores, score_bag, write_scores
 from wsimil.models import create_model
+from wsimil.predict.score import read_scores, score_bag, write_scores
 
 
 def _bundle(classes, head_classes=None, task="classification"):

@@ -7,17 +7,11 @@ import pytest
 import torch
 import yaml
 
-from wsimil.bundle import (
-    BUNDLE_FORMAT,
-    EncoderRef,
-    TilingRef,
-    bundle_from_run,
-    load_bundle,
-    provenance_from_features,
-    write_bundle,
-)
 from wsimil.errors import WsimilError
 from wsimil.features.store import write_bag
+from wsimil.predict.bundle import BUNDLE_FORMAT, load_bundle
+from wsimil.predict.refs import EncoderRef, TilingRef
+from wsimil.predict.write import bundle_from_run, provenance_from_features, write_bundle
 
 
 @pytest.fixture
@@ -51,7 +45,7 @@ def test_feature_only_bundle_refuses_slides_but_scores_features(digit_run, tmp_p
     assert not b.scores_slides and "no encoder provenance" in b.slide_settings_missing
     with pytest.raises(WsimilError, match="cannot score slides.*--features"):
         b.require_slides()
-    from wsimil.inference import predict_features, predict_slides
+    from wsimil.predict.pipeline import predict_features, predict_slides
 
     with pytest.raises(WsimilError, match="cannot score slides"):
         predict_slides(b, tmp_path, tmp_path / "out", device="cpu")
@@ -176,8 +170,8 @@ def test_survival_bundle_predicts_risk_and_reports_c_index(tmp_path):
     from wsimil.data.synthetic import make_digit_bags, write_bags
     from wsimil.evaluation.survival import risk_from_logits
     from wsimil.features.store import FeatureStore
-    from wsimil.inference import predict_features
     from wsimil.methods.trainer import run_training
+    from wsimil.predict.pipeline import predict_features
     from wsimil.report import build_report
 
     m = write_bags(make_digit_bags(16, seed=2), tmp_path / "c")
@@ -198,3 +192,27 @@ def test_survival_bundle_predicts_risk_and_reports_c_index(tmp_path):
     ci = f0["ci"]["c_index"]
     assert f"{f0['metrics']['c_index']:.3f} <span class='sub'>[{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]" in text
     assert '<th class="">risk</th>' in text and "ROC" not in text
+
+
+def test_predict_names_the_bundle_with_bundle_and_keeps_model_as_a_deprecated_alias(digit_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from wsimil.cli import app
+
+    run, feats = digit_run
+    runner = CliRunner()
+    args = ["--features", str(feats), "--device", "cpu"]
+    res = runner.invoke(app, ["predict", "--bundle", str(run), *args, "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0 and "deprecated" not in res.output, res.output
+    res = runner.invoke(app, ["predict", "--model", str(run), *args, "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0 and "--model is deprecated here" in res.output and "use --bundle" in res.output
+    assert (tmp_path / "a" / "predictions.csv").read_text() == (tmp_path / "b" / "predictions.csv").read_text()
+    res = runner.invoke(
+        app, ["predict", "--bundle", str(run), "--model", str(run), *args, "--out", str(tmp_path / "c")]
+    )
+    assert res.exit_code == 2 and "give --bundle once" in res.output
+    res = runner.invoke(app, ["predict", *args, "--out", str(tmp_path / "d")])
+    assert res.exit_code == 2 and "missing option --bundle" in res.output
+    for command in ("predict", "heatmap"):  # the alias is hidden from help
+        text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
+        assert "--bundle" in text and "--model" not in text
