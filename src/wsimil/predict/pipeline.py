@@ -278,7 +278,7 @@ class MemorySource:
         return [(sid, None) for sid in self.specs]
 
     def bag(self, sid: str) -> SlideBag:
-        from wsimil.lrmil.features import encode_grid, final_fn
+        from wsimil.features.extract import encode_grid, final_fn
         from wsimil.predict.memory import tile_in_memory
 
         assert self.b.tiling is not None
