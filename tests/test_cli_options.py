@@ -110,7 +110,7 @@ def test_method_options_are_type_checked():
     from wsimil.errors import WsimilError
     from wsimil.methods import create_method
 
-    with pytest.raises(WsimilError, match="option warmup must be a int, not 'ten'"):
+    with pytest.raises(WsimilError, match="option warmup must be an int, not 'ten'"):
         create_method(TrainConfig(method="weno", method_kwargs={"warmup": "ten"}))
     with pytest.raises(WsimilError, match="has no option.*nope.*known options: .*warmup"):
         create_method(TrainConfig(method="weno", method_kwargs={"nope": 1}))

@@ -243,6 +243,6 @@ def test_each_fold_builds_its_method_once(digit_cohort, tmp_path, monkeypatch):
 
 def test_bad_method_options_fail_before_any_data_is_read(tmp_path):
     cfg = load_config(method="weno", method_kwargs={"warmup": "soon"})
-    with pytest.raises(WsimilError, match="option warmup must be a int"):
+    with pytest.raises(WsimilError, match="option warmup must be an int"):
         run_training(cfg, tmp_path / "no_features", tmp_path / "no_manifest.csv", tmp_path / "run")
     assert not (tmp_path / "run").exists()

@@ -41,7 +41,8 @@ class Option:
             str: lambda v: isinstance(v, str),
             Path: lambda v: isinstance(v, str | Path),
         }[self.type](value)
-        return None if ok else f"method {method!r} option {self.name} must be a {self.type_name}, not {value!r}"
+        article = "an" if self.type_name[0] in "aeiou" else "a"
+        return None if ok else f"method {method!r} option {self.name} must be {article} {self.type_name}, not {value!r}"
 
 
 @dataclass(frozen=True)
