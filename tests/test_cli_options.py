@@ -110,10 +110,24 @@ def test_method_options_are_type_checked():
     from wsimil.errors import WsimilError
     from wsimil.methods import create_method
 
-    with pytest.raises(WsimilError, match="option warmup must be a int, not 'ten'"):
+    with pytest.raises(WsimilError, match="option warmup must be an int, not 'ten'"):
         create_method(TrainConfig(method="weno", method_kwargs={"warmup": "ten"}))
     with pytest.raises(WsimilError, match="has no option.*nope.*known options: .*warmup"):
         create_method(TrainConfig(method="weno", method_kwargs={"nope": 1}))
     assert create_method(TrainConfig(method="weno", method_kwargs={"threshold": 1})).opts["threshold"] == 1
     with pytest.raises(WsimilError, match="method hmil supports task classification only, not 'survival'"):
         create_method(TrainConfig(method="hmil", task="survival"))
+
+
+def test_train_command_writes_the_bundle(tmp_path):
+    """The trainer writes no bundle; `wsimil train` does, after training (RUN/bundle/, as before)."""
+    from wsimil.data.synthetic import make_digit_bags, write_bags
+    from wsimil.run import RunDir
+
+    manifest = write_bags(make_digit_bags(16, seed=1), tmp_path / "c")
+    args = ["train", "--features", str(tmp_path / "c" / "features"), "--manifest", str(manifest), "--out",
+            str(tmp_path / "run"), "--model", "mean", "--folds", "2", "--epochs", "1"]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    run = RunDir(tmp_path / "run")
+    assert run.finished and (run.bundle_dir / "bundle.json").is_file()

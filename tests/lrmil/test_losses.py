@@ -8,17 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from wsimil.lrmil.losses import (
-    attention_feature_loss,
+from wsimil.lrmil.losses import attention_feature_loss, attention_weights, layer_distill_loss, pool_children
+from wsimil.methods.lrmil_losses import (
     attention_kd_loss,
-    attention_weights,
     bag_kd_loss,
     children_attention,
     instance_count,
     instance_loss,
     instance_targets,
-    layer_distill_loss,
-    pool_children,
     topk_instance_loss,
 )
 

@@ -9,8 +9,8 @@ import torch
 
 from wsimil.config import TrainConfig
 from wsimil.errors import WsimilError
-from wsimil.lrmil.losses import attention_kd_loss, bag_kd_loss, children_attention, topk_instance_loss
 from wsimil.methods.base import Batch, create_method
+from wsimil.methods.lrmil_losses import attention_kd_loss, bag_kd_loss, children_attention, topk_instance_loss
 from wsimil.models.lrmil_student import StudentABMIL
 
 

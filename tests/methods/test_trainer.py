@@ -239,3 +239,10 @@ def test_each_fold_builds_its_method_once(digit_cohort, tmp_path, monkeypatch):
     built.clear()  # a re-run reuses the checkpoints and still builds one method per fold
     run_training(load_config(model="abmil", **{**FAST, "epochs": 1}), feats, manifest, tmp_path / "run")
     assert len(built) == FAST["folds"]
+
+
+def test_bad_method_options_fail_before_any_data_is_read(tmp_path):
+    cfg = load_config(method="weno", method_kwargs={"warmup": "soon"})
+    with pytest.raises(WsimilError, match="option warmup must be an int"):
+        run_training(cfg, tmp_path / "no_features", tmp_path / "no_manifest.csv", tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -7,8 +7,8 @@ Steps, each usable on its own (see :mod:`wsimil.lrmil.pipeline` for the order, t
 - :mod:`wsimil.methods.teacher_dump` — the HR teacher's logits and raw/softmax attention per fold (``dump_teacher``);
 - :mod:`~wsimil.lrmil.stage1` — patch-level cross-resolution distillation (``train_stage1``);
 - :mod:`wsimil.methods.lrmil` — the stage-2 student as trainer method ``lrmil`` (model ``lrmil_student``);
-- :mod:`~wsimil.lrmil.losses` — every loss as a pure function; :mod:`~wsimil.lrmil.taps` — timm
-  ``forward_intermediates`` for CNNs and ViTs;
+- :mod:`~wsimil.lrmil.losses` — stage 1's losses as pure functions (stage 2's: :mod:`wsimil.methods.lrmil_losses`);
+  :mod:`~wsimil.lrmil.taps` — timm ``forward_intermediates`` for CNNs and ViTs;
 - the saved LR pipeline is an ordinary bundle whose members carry their distilled encoders
   (:func:`wsimil.predict.write.bundle_from_distilled`), scored by :func:`wsimil.predict.pipeline.predict_slides`.
 
@@ -28,7 +28,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:  # lazy: importing wsimil.lrmil.losses (wsimil.methods.lrmil) stays light
+def __getattr__(name: str) -> Any:  # lazy: importing one step's module stays light
     if name in _EXPORTS:
         import importlib
 

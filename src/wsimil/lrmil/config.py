@@ -80,7 +80,7 @@ class Stage2Config(_Strict):
     t_bag: float = Field(1.0, gt=0)
     t_attn: float = Field(1.0, gt=0)
     # pseudo-labelled instances per bag: mass (default) / fraction fit the bag; paper = top 4 → 1, bottom 4 → 0
-    # in every bag (SPEC §1), fixed = top/bottom topk in positive bags only (see wsimil.lrmil.losses)
+    # in every bag (SPEC §1), fixed = top/bottom topk in positive bags only (see wsimil.methods.lrmil_losses)
     instance_targets: Literal["mass", "fraction", "fixed", "paper"] = "mass"
     topk: int = Field(4, ge=1)
     instance_mass: float = Field(0.5, gt=0, le=1)

@@ -9,7 +9,7 @@ Per bag (SPEC §1 stage 2)::
       + λ_soft T_a² KL(softmax_N(g/T_a) ‖ softmax_N(e_S/T_a))
       + λ_hard CE(inst(pseudo-labelled instances), targets)
 
-The pseudo-labelled instances fit the bag (:func:`wsimil.lrmil.losses.instance_targets`): in positive bags the
+The pseudo-labelled instances fit the bag (:func:`wsimil.methods.lrmil_losses.instance_targets`): in positive bags the
 top-guidance instances holding half the teacher's attention mass (at most 10% of the bag) → 1 and as many from
 the bottom → 0; in negative bags the top-guidance instances → 0. ``instance_targets: paper`` gives SPEC's rule
 (top 4 → 1, bottom 4 → 0 in every bag). ``y_T``, ``e^T`` come from the fold teacher's dump
@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from wsimil.errors import WsimilError
-from wsimil.lrmil.losses import attention_kd_loss, bag_kd_loss, children_attention, instance_loss
 from wsimil.methods.base import Batch, TrainingMethod, register_method
+from wsimil.methods.lrmil_losses import attention_kd_loss, bag_kd_loss, children_attention, instance_loss
 from wsimil.methods.teacher_dump import read_dump
 from wsimil.models import MILModel, MILOutput, create_model
 

@@ -41,7 +41,8 @@ class Option:
             str: lambda v: isinstance(v, str),
             Path: lambda v: isinstance(v, str | Path),
         }[self.type](value)
-        return None if ok else f"method {method!r} option {self.name} must be a {self.type_name}, not {value!r}"
+        article = "an" if self.type_name[0] in "aeiou" else "a"
+        return None if ok else f"method {method!r} option {self.name} must be {article} {self.type_name}, not {value!r}"
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ LRMIL = MethodSpec(
         Option("lambda_hard", float, 1.0, "Weight of the instance loss."),
         Option("t_bag", float, 1.0, "Temperature of the bag-logit distillation."),
         Option("t_attn", float, 1.0, "Temperature of the attention distillation."),
-        Option("instance_targets", str, "mass", "mass, fraction, fixed or paper (wsimil.lrmil.losses)."),
+        Option("instance_targets", str, "mass", "mass, fraction, fixed or paper (wsimil.methods.lrmil_losses)."),
         Option("topk", int, 4, "k of instance_targets fixed / paper."),
         Option("instance_mass", float, 0.5, "instance_targets=mass: teacher attention mass labelled positive."),
         Option("instance_frac", float, 0.02, "instance_targets=fraction: share of the bag labelled positive."),

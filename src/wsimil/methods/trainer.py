@@ -52,8 +52,7 @@ from wsimil.evaluation.metrics import (
 from wsimil.evaluation.predict import predict
 from wsimil.evaluation.tasks import get_task
 from wsimil.features.store import FeatureStore
-from wsimil.methods.base import Batch, TrainingMethod, create_method, method_class
-from wsimil.methods.options import method_spec
+from wsimil.methods.base import Batch, TrainingMethod, create_method
 from wsimil.models import MILModel
 from wsimil.progress import console, make_progress
 from wsimil.run import RunDir
@@ -200,10 +199,13 @@ class Trainer:
         method.prepare(self.manifest)
         return method
 
-    def check(self) -> None:
-        """Fail on bad method or model options now, not after a fold of training (the method built here trains
-        the first fold)."""
-        method = self.new_method()
+    def check(self, method: TrainingMethod | None = None) -> None:
+        """Fail on bad method or model options now, not after a fold of training. ``method`` (built from this
+        config, not yet prepared) or a new one trains the first fold."""
+        if method is None:
+            method = self.new_method()
+        else:
+            method.prepare(self.manifest)
         method.build(self.cohort.in_dim, self.n_classes)
         self._spare = method
 
@@ -370,10 +372,10 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
     run = out if isinstance(out, RunDir) else RunDir(out)
     device = resolve_device(cfg.device)
     task = get_task(cfg.task)
+    first = create_method(cfg)  # unknown methods and bad options fail before any data is read; trains fold 1
     label_column = cfg.label_column
-    spec = method_spec(cfg.method)
-    if label_column == "label" and spec is not None and spec.label_column:
-        label_column = spec.label_column
+    if label_column == "label" and first.spec.label_column:
+        label_column = first.spec.label_column
     man = read_manifest(manifest, cfg.classes, label_column, cfg.task, cfg.survival_bins)
     store = FeatureStore(features)
     cohort = load_cohort(man, store, max_memory_gb=cfg.max_memory_gb)  # missing or bad slides first, then splits
@@ -385,7 +387,7 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
     steps = mil_step_elements(cohort.lengths.values(), cohort.in_dim, cfg.batch_size, cfg.max_instances)
     threads = apply_threads(cfg.threads, "mil", elements=steps)
     trainer = Trainer(cfg, cohort, run, device, man)
-    trainer.check()
+    trainer.check(first)
     trainer.tuner = StepTuner.for_plan(threads)
     resolved = {
         **cfg.model_dump(mode="json"),
@@ -442,7 +444,7 @@ def run_training(cfg: TrainConfig, features: str | Path, manifest: str | Path, o
     pooled = task.pooled(trainer.targets, te, np.concatenate([r.probs for r in results]), reps, cfg.bootstrap, cfg.seed)
     if pooled is not None:
         payload["pooled"] = pooled
-    primary = getattr(method_class(cfg.method), "primary_head", None)  # e.g. HMIL: "metrics" are the fine level's
+    primary = getattr(first, "primary_head", None)  # e.g. HMIL: "metrics" are the fine level's
     if primary:
         payload[f"metrics_{primary}"] = payload["metrics"]
     for head in sorted({h for r in results for h in r.head_metrics}):
