@@ -27,7 +27,8 @@ from wsimil.slide.job import SlideSpec, TileSettings
 @dataclass
 class SlidePipeline:
     """One inference path: tiling at a single magnification, a patch encoder and the aggregator(s) whose class
-    probabilities are averaged."""
+    probabilities are averaged (none when only tiling and encoding are asked of it, as by the predict pipeline for
+    members that carry their own encoders)."""
 
     tiling: TileSettings
     encoder: Encoder

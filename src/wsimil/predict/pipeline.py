@@ -251,22 +251,22 @@ class MemorySource:
     def __init__(self, b: Bundle, chosen: list[Member], specs: list, device: str, *, batch_size: int,
                  encoder_weights: str | Path | None, mpp: float | None) -> None:  # fmt: skip
         from wsimil.features.extract import EncodeSettings
+        from wsimil.predict.memory import SlidePipeline
         from wsimil.slide.job import SlideSpec
 
         assert b.tiling is not None
         self.b = b
         self.specs = {s.slide_id: s if s.mpp is not None or mpp is None else SlideSpec(s.slide_id, s.path, mpp, s.extra)
                       for s in specs}  # fmt: skip
-        self.tiling = b.tile_settings()
-        self.encoders: dict[EncoderRef, Any] = {}
+        settings = EncodeSettings(device=device, batch_size=batch_size)
+        self.paths: dict[EncoderRef, SlidePipeline] = {}  # one slide path per distinct encoder
         for m in chosen:
             assert m.encoder is not None
-            if m.encoder not in self.encoders:
-                self.encoders[m.encoder] = b.build_encoder(encoder_weights, m)
-                self.encoders[m.encoder].model.to(device).eval()
+            if m.encoder not in self.paths:
+                enc = b.build_encoder(encoder_weights, m)
+                self.paths[m.encoder] = SlidePipeline(b.tile_settings(), enc, [], settings, m.fold)
         self.keys = [m.encoder for m in chosen]
-        self.settings = EncodeSettings(device=device, batch_size=batch_size)
-        names = sorted({r.describe for r in self.encoders})
+        names = sorted({r.describe for r in self.paths})
         console.print(
             f"Predicting with {b.model if b.method == 'supervised' else b.method} ({len(chosen)} model"
             f"{'s' * (len(chosen) > 1)}, each with its own encoder: {', '.join(names)}; {b.tiling.mag:g}x "
@@ -278,18 +278,12 @@ class MemorySource:
         return [(sid, None) for sid in self.specs]
 
     def bag(self, sid: str) -> SlideBag:
-        from wsimil.features.extract import encode_grid, final_fn
-        from wsimil.predict.memory import tile_in_memory
-
         assert self.b.tiling is not None
         spec = self.specs[sid]
-        grid = tile_in_memory(spec, self.tiling)
+        grid = next(iter(self.paths.values())).tile(spec)  # the members share the tiling
         if len(grid.coords) == 0:
             raise WsimilError(f"slide {sid!r}: no tissue patches at {self.b.tiling.mag:g}x to score")
-        feats = {}
-        for ref, enc in self.encoders.items():
-            got = encode_grid(final_fn(enc), grid, self.settings, spec.mpp)
-            feats[ref] = got.get("features", np.zeros((0, enc.embed_dim), dtype=np.float32))
+        feats = {ref: path.features(grid, spec.mpp) for ref, path in self.paths.items()}
         attrs = {"slide_path": spec.path, "patch_size_level0": float(grid.step0), "mag": float(self.b.tiling.mag),
                  "mpp": spec.mpp}  # fmt: skip
         return SlideBag(grid.coords, [feats[k] for k in self.keys], attrs, {"n_patches": len(grid.coords)})

@@ -13,12 +13,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from wsimil.checkpoint import SUFFIX, fold_checkpoint, load_checkpoint, save_checkpoint
 from wsimil.claims import remove_orphans
 from wsimil.errors import WsimilError
-from wsimil.io import temp_prefix
+from wsimil.io import temp_prefix, write_json
 from wsimil.predict.bundle import BUNDLE_FILE, Bundle, load_bundle
 from wsimil.predict.members import head_classes
 from wsimil.predict.refs import EncoderRef, Member, TilingRef, coords_attrs, feature_attrs
@@ -108,7 +106,7 @@ def write_bundle(
             config=config or {},
             slide_settings_missing=None if encoder is not None or member_encoders else slide_settings_missing,
         )
-        (tmp / BUNDLE_FILE).write_text(json.dumps(_jsonable(bundle.to_json()), indent=2) + "\n")
+        write_json(tmp / BUNDLE_FILE, bundle.to_json())
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -153,20 +151,6 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, list | tuple):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, Path):
-        return str(o)
-    return o
 
 
 def provenance_from_features(features: str | Path) -> tuple[EncoderRef | None, TilingRef | None, str | None]:
