@@ -58,7 +58,7 @@ def test_native_mag_of_a_scan():
 
 def test_nesting_check_and_links_name():
     assert check_nesting(20, 5) == 4 and links_dataset(5, 20) == "links_5x_20x"
-    with pytest.raises(WsimilError, match="not an integer"):
+    with pytest.raises(WsimilError, match="--mag 20 and --mag 7 do not nest"):
         check_nesting(20, 7)
     with pytest.raises(WsimilError, match="must be higher"):
         check_nesting(5, 20)

@@ -76,28 +76,28 @@ def run_extraction_ray(
 
         @ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_actor)
         class EncoderActor:
-            def __init__(self, st):
+            def __init__(self, st, job):
                 import warnings
 
                 from wsimil.features.encoders import create_encoder
 
-                self.st = st
+                self.st, self.job = st, job
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # the driver already warned about random weights
                     self.encoder = create_encoder(self.st.encoder, self.st.weights, self.st.seed)
                 self.encoder.model.to(self.st.device)
 
-            def run(self, job, slide: dict, overwrite: bool) -> dict:
-                return process(self.encoder, job, self.st, slide, overwrite, claim_timeout)
+            def run(self, slide: dict, overwrite: bool) -> dict:
+                return process(self.encoder, self.job, self.st, slide, overwrite, claim_timeout)
 
-        actors = [EncoderActor.remote(st) for _ in range(n_actors)]
+        actors = [EncoderActor.remote(st, job) for _ in range(n_actors)]
         pool = ray.util.ActorPool(actors)
         rows: dict[str, dict] = {}
         with make_progress() as progress:
             task = progress.add_task(
                 f"Encoding {mag_name(st.mag)} with {st.encoder} on Ray ({n_actors} actors)", total=len(slides), info=""
             )
-            for row in pool.map_unordered(lambda a, s: a.run.remote(job, s, overwrite), slides):
+            for row in pool.map_unordered(lambda a, s: a.run.remote(s, overwrite), slides):
                 rows[row["slide_id"]] = row
                 progress.update(task, advance=1, info=f"{row['slide_id']}: {row['status']}")
         return [rows[s["slide_id"]] for s in slides]

@@ -133,13 +133,12 @@ def features_dir(job: Path, mag: float, patch_size: int, encoder: str) -> Path:
 
 
 def check_nesting(hi: float, lo: float) -> int:
-    """The whole factor ``hi/lo`` between two magnifications whose grids nest; a clear error otherwise."""
+    """The whole factor ``hi/lo`` between two magnifications whose grids nest (:func:`check_mags`, the tiling's own
+    check); a clear error otherwise."""
     if hi <= lo:
         raise WsimilError(f"the HR magnification ({mag_name(hi)}) must be higher than the LR one ({mag_name(lo)})")
-    f = hi / lo
-    if abs(f - round(f)) > 1e-9:
-        raise WsimilError(f"{mag_name(hi)} / {mag_name(lo)} = {f:g} is not an integer: the grids cannot nest")
-    return int(round(f))
+    check_mags([hi, lo])
+    return int(round(hi / lo))
 
 
 def tiled_grids(job: Path) -> list[tuple[float, int]]:
