@@ -1,6 +1,7 @@
 """Model bundles: written by training, loaded with one call, refused clearly when they do not fit."""
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from wsimil.features.store import write_bag
 from wsimil.predict.bundle import BUNDLE_FORMAT, load_bundle
 from wsimil.predict.refs import EncoderRef, TilingRef
 from wsimil.predict.write import bundle_from_run, provenance_from_features, write_bundle
+from wsimil.slide.tissue import TissueParams
 
 
 @pytest.fixture
@@ -123,7 +125,8 @@ def test_provenance_from_feature_attributes_and_tiling_yaml(tmp_path):
     enc, tiling, why = provenance_from_features(feats)
     assert why is None
     assert enc == EncoderRef("resnet18", None, None, seed=3, embed_dim=512, precision="fp32")
-    assert tiling == TilingRef(20.0, 256, 0.3, {"open_um": 8.0}, "openslide")
+    # the job's settings in full: what tiling.yaml left out takes TissueParams' defaults, as tiling did
+    assert tiling == TilingRef(20.0, 256, 0.3, asdict(TissueParams(open_um=8.0)), "openslide")
     assert tiling.tile_settings().tissue.open_um == 8.0 and tiling.tile_settings().mags == [20.0]
 
     _slide_features(feats, "c", mag=5.0)

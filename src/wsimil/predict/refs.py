@@ -4,7 +4,7 @@ the tiling (:class:`TilingRef`) and each ensemble member (:class:`Member`, which
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -86,19 +86,9 @@ class TilingRef:
     def tile_settings(self, mpp: float | None = None, reader: str | None = None):
         """The :class:`wsimil.slide.job.TileSettings` that reproduce the training tiling (one magnification:
         grids at different magnifications do not depend on each other, see :mod:`wsimil.slide.tiling`)."""
-        from wsimil.slide.job import TileSettings
-        from wsimil.slide.tissue import TissueParams
+        from wsimil.slide.tiling_job import TileSettings
 
-        known = TissueParams.__dataclass_fields__
-        params = TissueParams(**{k: v for k, v in self.tissue.items() if k in known})
-        return TileSettings(
-            mags=[self.mag],
-            patch_size=self.patch_size,
-            reader=reader or self.reader,
-            mpp=mpp,
-            min_tissue=self.min_tissue,
-            tissue=params,
-        )
+        return TileSettings.from_dict(asdict(self), mpp=mpp, reader=reader or self.reader)
 
 
 @dataclass(frozen=True)

@@ -30,22 +30,17 @@ class RunSlide:
 
 def run_slide_paths(run: str | Path, slides: str | Path | None = None) -> dict[str, str]:
     """Slide files of a run's slides: from ``slides`` (a folder, a CSV with ``path``, or a file), else from the
-    tiling job the run's features came from (``JOB/slides.csv``, found from ``config.yaml``'s feature folder)."""
-    import yaml
-
+    tiling job the run's features came from (its ``slides.csv``; the job is found from what the feature files record,
+    :meth:`~wsimil.slide.tiling_job.TilingJob.find_for_features`, never by guessing folders)."""
+    from wsimil.run import RunDir
     from wsimil.slide.job import collect_slides
+    from wsimil.slide.tiling_job import TilingJob
 
     if slides is not None:
         return {s.slide_id: s.path for s in collect_slides(slides)}
-    cfg = yaml.safe_load((Path(run) / "config.yaml").read_text()) or {}
-    feats = Path(cfg.get("features", ""))
-    for job in (feats.parent.parent, feats.parent, feats.parent.parent.parent):
-        table = job / "slides.csv"
-        if table.is_file():
-            df = pd.read_csv(table, dtype=str, keep_default_na=False)
-            if {"slide_id", "path"} <= set(df.columns):
-                return dict(zip(df["slide_id"], df["path"], strict=True))
-    return {}
+    feats = RunDir(run).read_config().get("features")
+    job = TilingJob.find_for_features(feats) if feats else None
+    return {sid: row["path"] for sid, row in job.slides().items()} if job is not None else {}
 
 
 def score_run_slides(

@@ -156,14 +156,14 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 def provenance_from_features(features: str | Path) -> tuple[EncoderRef | None, TilingRef | None, str | None]:
     """Encoder and tiling of a feature folder, read from its HDF5 attributes (``features``: encoder, weights and
     checksum; ``coords``: magnification, patch size, tiling settings key) and, for tissue detection and reader, from
-    the tiling job's ``tiling.yaml`` (``JOB/{grid}/features_{encoder}/`` → ``JOB/tiling.yaml``).
+    the tiling job the files were extracted from (:meth:`wsimil.slide.tiling_job.TilingJob.find_for_features`).
 
     Returns ``(encoder, tiling, None)``, or ``(None, None, reason)`` when the features cannot be reproduced from
     slides (no provenance, files that disagree, an encoder wsimil does not know)."""
-    import yaml
 
     from wsimil.features.encoders import ENCODERS
     from wsimil.features.store import FeatureStore
+    from wsimil.slide.tiling_job import TilingJob
 
     try:
         store = FeatureStore(features)
@@ -203,13 +203,10 @@ def provenance_from_features(features: str | Path) -> tuple[EncoderRef | None, T
         return None, None, f"cannot read the encoder provenance: {e}"
     tissue: dict[str, float] = {}
     min_tissue, reader = 0.1, "auto"
-    job_yaml = store.dir.parent.parent / "tiling.yaml"
-    if job_yaml.is_file():
-        job = yaml.safe_load(job_yaml.read_text()) or {}
-        if job.get("settings_key") == first_c.get("settings_key"):
-            tissue = dict(job.get("tissue") or {})
-            min_tissue = float(job.get("min_tissue", 0.1))
-            reader = str(job.get("reader", "auto"))
+    job = TilingJob.find_for_features(store.dir)  # from what the files record; None: features made elsewhere
+    if job is not None:
+        tissue = asdict(job.settings.tissue)
+        min_tissue, reader = float(job.settings.min_tissue), str(job.settings.reader)
     tiling = TilingRef(
         mag=float(first_c["target_magnification"]),
         patch_size=int(first_c["patch_size"]),
