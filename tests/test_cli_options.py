@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from wsimil import cli
-from wsimil.cli import METHOD_FLAGS, RENAMED_FLAGS, app
+from wsimil.cli import app
+from wsimil.cli import train as train_commands
+from wsimil.cli.common import METHOD_FLAGS, RENAMED_FLAGS
 from wsimil.config import TrainConfig
 from wsimil.methods import list_methods
 from wsimil.methods.options import METHOD_SPECS, Option
@@ -50,7 +51,7 @@ def test_every_method_has_a_spec_and_every_spec_a_method():
 
 
 def test_train_flags_are_config_fields_or_method_options():
-    params = _params(cli.train)
+    params = _params(train_commands.train)
     for name, p in params.items():
         if name in METHOD_FLAGS:
             for method in METHOD_FLAGS[name]:
@@ -65,9 +66,9 @@ def test_train_flags_are_config_fields_or_method_options():
 
 
 def test_renamed_flags_are_hidden_aliases():
-    for cmd in (cli.train, cli.evaluate):
+    for cmd in (train_commands.train, train_commands.evaluate):
         decls = {d for p in _params(cmd).values() for d in _decls(p)}
-        assert cmd is not cli.train or "--batch-size" in decls  # the alias is still accepted
+        assert cmd is not train_commands.train or "--batch-size" in decls  # the alias is still accepted
         for old in RENAMED_FLAGS:
             if old in decls:
                 p = next(p for p in _params(cmd).values() if old in _decls(p))
@@ -89,7 +90,7 @@ def test_deprecated_batch_size_still_sets_the_bag_batch(monkeypatch, tmp_path):
     monkeypatch.setattr(wsimil.methods.trainer, "run_training", fake_run)
     monkeypatch.setattr(wsimil.predict.write, "bundle_from_run", lambda run: Path(run) / "bundle")
     base = ["train", "--features", str(tmp_path), "--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path)]
-    with pytest.warns(FutureWarning, match="--batch-size is deprecated here; use --bag-batch-size"):
+    with pytest.warns(FutureWarning, match="--batch-size is deprecated .*; use --bag-batch-size"):
         res = CliRunner().invoke(app, [*base, "--batch-size", "3"])
     assert res.exit_code == 0, res.output
     assert seen["cfg"].batch_size == 3

@@ -5,7 +5,8 @@ The vocabulary every command uses:
 - ``--encoder-weights``: a weights file of a patch encoder (or ``hub``);
 - ``--workers``: worker processes, one slide each (tile, synth, predict);
 - ``--loader-workers``: DataLoader workers reading patches inside one process (extract, lrmil);
-- ``--batch-size``: patches per encoder batch (extract, lrmil encoding), bags per step (train);
+- ``--batch-size``: patches per encoder batch (extract, lrmil encoding, predict);
+- ``--bag-batch-size``: bags per training or evaluation step (train, evaluate);
 - ``--mag``: a magnification, ``20`` or ``20x`` (:func:`wsimil.slide.mag.parse_mag`);
 - ``--bundle``: a bundle folder.
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from wsimil.cli import READER_HELP, _report_batch, _user_errors, app
+from wsimil.cli.common import READER_HELP, _report_batch, _user_errors, app
 
 export_app = typer.Typer(no_args_is_help=True, help="Write features in other tools' layouts (CLAM).")
 app.add_typer(export_app, name="export")

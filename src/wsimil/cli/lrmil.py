@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from wsimil.cli import Threads, _print_metrics, _user_errors, app
+from wsimil.cli.common import Threads, _print_metrics, _user_errors, app
 
 
 @app.command()

@@ -1,0 +1,5 @@
+"""``python -m wsimil.cli``."""
+
+from wsimil.cli import app
+
+app()
