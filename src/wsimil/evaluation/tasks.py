@@ -60,6 +60,10 @@ class Task:
     #: whether the supervised losses add the backbone's own auxiliary terms (e.g. CLAM's instance loss)
     uses_model_aux_losses = True
 
+    def risk(self, logits: np.ndarray) -> np.ndarray | None:
+        """A risk score per bag from its logits (survival), ``None`` where the task has none."""
+        return None
+
     def label_columns(self, label_column: str) -> tuple[str, ...]:
         """The manifest columns this task reads its labels from."""
         return (label_column,)
@@ -158,6 +162,9 @@ class Survival(Task):
     def label_columns(self, label_column: str) -> tuple[str, ...]:
         return ("time", "event")
 
+    def risk(self, logits: np.ndarray) -> np.ndarray:
+        return surv.risk_from_logits(logits)
+
     def read_labels(self, df: pd.DataFrame, label_column: str, classes: list[str] | None, bins: int, path: Path,
                     problems: list[str]) -> tuple[pd.DataFrame, list[str]]:  # fmt: skip
         """``time,event`` → ``y`` = the quantile time bin, classes ``bin0…`` (:func:`add_survival_columns`)."""
@@ -187,12 +194,12 @@ class Survival(Task):
     def validation(self, targets: Targets, idx: np.ndarray, pred: Predictions) -> dict[str, float]:
         logits = torch.as_tensor(pred.logits)
         y, ev = torch.as_tensor(targets.labels[idx]), torch.as_tensor(targets.events[idx])
-        c = surv.concordance_index(targets.times[idx], targets.events[idx], surv.risk_from_logits(pred.logits))
+        c = surv.concordance_index(targets.times[idx], targets.events[idx], self.risk(pred.logits))
         return {"val_loss": float(surv.nll_survival_loss(logits, y, ev)), "val_auc": c}
 
     def test_scores(self, targets: Targets, idx: np.ndarray, pred: Predictions, n_boot: int, seed: int) -> TestScores:
         t, e = targets.times[idx], targets.events[idx]
-        risk = surv.risk_from_logits(pred.logits)
+        risk = self.risk(pred.logits)
         ci = {"c_index": surv.bootstrap_cindex(t, e, risk, n_boot, seed)} if n_boot else None
         return TestScores({"c_index": surv.concordance_index(t, e, risk)}, ci, risk)
 

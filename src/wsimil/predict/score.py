@@ -113,6 +113,9 @@ def score_bag(
     if per_member and len(features) != len(members):
         raise ValueError(f"{len(features)} feature bags for {len(members)} members")
     shared = None if per_member else _tensor(features, device)
+    from wsimil.evaluation.tasks import get_task
+
+    task = get_task(bundle.task)
     probs, risks, extra, maps_sum, kind = [], [], {}, {}, "attention"
     order: list[str] = []
     for i, (model, std) in enumerate(members):
@@ -121,10 +124,9 @@ def score_bag(
         x = std(x0) if std is not None else x0
         out = model(x, torch.ones(x.shape[:2], dtype=torch.bool, device=device))
         probs.append(torch.softmax(out.logits.float(), -1)[0].cpu().numpy())
-        if bundle.task == "survival":
-            from wsimil.evaluation.survival import risk_from_logits
-
-            risks.append(float(risk_from_logits(out.logits.float().cpu().numpy())[0]))
+        risk = task.risk(out.logits.float().cpu().numpy())
+        if risk is not None:
+            risks.append(float(risk[0]))
         for head, z in (out.extra_logits or {}).items():
             extra.setdefault(head, []).append(torch.softmax(z.float(), -1)[0].cpu().numpy())
         if not maps:
