@@ -54,3 +54,18 @@ def test_lrmil_cli_old_flag_spellings(tmp_path):
     with pytest.warns(FutureWarning, match="--workers is deprecated .* use --loader-workers"):
         res = CliRunner().invoke(app, [*base, "--workers", "1"])
     assert res.exit_code == 2  # then refused for the missing manifest/job, as before
+
+
+def test_stage2_settings_match_the_lrmil_method_options():
+    """LRMIL's stage-2 YAML block and the ``lrmil`` method's typed options are one vocabulary: the same names,
+    types and defaults (the YAML block adds ranges; the method spec is what ``wsimil methods`` prints)."""
+    from wsimil.lrmil.config import Stage2Config
+    from wsimil.methods.options import METHOD_SPECS
+
+    options = {o.name: o for o in METHOD_SPECS["lrmil"].options}
+    for name, field in Stage2Config.model_fields.items():
+        assert name in options, f"stage2.{name} is no option of method lrmil"
+        assert field.default == options[name].default, name
+        assert isinstance(field.default, options[name].type), name
+    # what the method reads beyond the YAML block is wiring the recipe fills in, not a user setting
+    assert set(options) - set(Stage2Config.model_fields) == {"teacher_dump", "links_dir", "links_dataset"}
