@@ -68,7 +68,7 @@ def predict(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     backend: Annotated[str, typer.Option(help="Feature extraction: local, or ray (one task per slide).")] = "local",
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address; default: start Ray locally.")] = None,
-    workers: Annotated[int, typer.Option(help="Slides tiled in parallel.")] = 1,
+    workers: Annotated[int, typer.Option(help="Worker processes, one slide each (tiling).")] = 1,
     batch_size: Annotated[int, typer.Option(help="Patches per encoder batch.")] = 64,
     encoder_weights: Annotated[
         Path | None, typer.Option(help="Where the bundle's encoder weights file is now (checked by checksum).")
