@@ -181,6 +181,7 @@ def main() -> None:
     ap.add_argument("--rss-instances", type=int, default=8000)
     ap.add_argument("--rss-epochs", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
+    ap.add_argument("--json-out", default=None, help="also write the JSON here, rewritten after every cell")
     args = ap.parse_args()
     if args.quick:
         args.sizes, args.dim, args.repeats = "64,256", 32, 1
@@ -218,11 +219,18 @@ def main() -> None:
                 result["step_ms"][m][n] = round(t, 2)
                 too_slow = t > args.max_step_s * 1e3
                 print(f"# {m} N={n}: {t:.1f} ms", file=sys.stderr, flush=True)
+                _save(result, args.json_out)
         result["ratios"] = _ratios(result, sizes)
         if args.rss_bags:
             threads = args.threads or torch.get_num_threads()
             result["rss"] = rss_run(args.rss_bags, args.rss_instances, args.dim, args.rss_epochs, threads, tmp)
+    _save(result, args.json_out)
     print(json.dumps(result, indent=2))
+
+
+def _save(result: dict, path: str | None) -> None:
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2))
 
 
 def _ratios(result: dict, sizes: list[int]) -> dict:

@@ -116,29 +116,54 @@ class SlidePatchBlocks(torch.utils.data.Dataset):
         return torch.from_numpy(read_block(self._open(), self.grid, idx)), torch.from_numpy(idx)
 
 
+def block_region(grid: PatchGrid, idx: np.ndarray, downsample: float) -> tuple[int, int, int, int]:
+    """The region one :func:`read_block` of patches ``idx`` reads: level-0 ``(x, y)`` snapped to the read level's
+    pixel grid (``downsample``) and the size ``(w, h)`` in read-level pixels."""
+    cells = grid.cells[idx]
+    c0, r0 = cells.min(0)
+    c1, r1 = cells.max(0)
+    step = grid.step0
+    xs, ys = math.floor(c0 * step / downsample) * downsample, math.floor(r0 * step / downsample) * downsample
+    w = math.ceil((c1 - c0 + 1) * step / downsample)
+    h = math.ceil((r1 - r0 + 1) * step / downsample)
+    return int(round(xs)), int(round(ys)), w, h
+
+
 def read_block(slide, grid: PatchGrid, idx: np.ndarray) -> np.ndarray:
     """Read the patches ``idx`` (all in one block) with a single region read: ``(n, ps, ps, 3)`` uint8."""
-    import cv2
 
     cells = grid.cells[idx]
     c0, r0 = cells.min(0)
     c1, r1 = cells.max(0)
     ncols, nrows = c1 - c0 + 1, r1 - r0 + 1
-    ps, step, level = grid.patch_size, grid.step0, grid.read_level
-    ds = slide.level_downsamples[level]
-    x0, y0 = c0 * step, r0 * step
-    xs, ys = math.floor(x0 / ds) * ds, math.floor(y0 / ds) * ds  # snap to the level's pixel grid
-    w = math.ceil(ncols * step / ds)
-    h = math.ceil(nrows * step / ds)
-    region = slide.read_region((int(round(xs)), int(round(ys))), level, (w, h))
+    ps, level = grid.patch_size, grid.read_level
+    x, y, w, h = block_region(grid, idx, slide.level_downsamples[level])
+    region = slide.read_region((x, y), level, (w, h))
     tw, th = ncols * ps, nrows * ps
     if (w, h) != (tw, th):
-        region = cv2.resize(region, (tw, th), interpolation=cv2.INTER_AREA if w > tw else cv2.INTER_LINEAR)
+        region = resize_region(region, tw, th)
     out = np.empty((len(idx), ps, ps, 3), dtype=np.uint8)
     for j, (c, r) in enumerate(cells):
         ox, oy = (c - c0) * ps, (r - r0) * ps
         out[j] = region[oy : oy + ps, ox : ox + ps]
     return out
+
+
+def resize_region(region: np.ndarray, tw: int, th: int) -> np.ndarray:
+    """Resize a block ``(h, w, 3)`` to ``(th, tw, 3)``: an integer ratio ``k`` is a ``k × k`` box filter (cv2's
+    fast exact ``INTER_AREA`` path); a fractional one (e.g. 1.98 at 0.2527 µm/px) is the box filter of its integer
+    part on the region cropped to a multiple of it (dropping under ``k`` source pixels, less than one output
+    pixel), then bilinear for the rest (a ratio below 2, where bilinear does not alias): ~5 ms for a 2,026² →
+    1,024² block where cv2's general ``INTER_AREA`` takes ~30 ms, more than decoding its JPEG tiles."""
+    import cv2
+
+    h, w = region.shape[:2]
+    k = min(w // tw, h // th)
+    if k >= 1 and (w, h) == (k * tw, k * th):
+        return cv2.resize(region, (tw, th), interpolation=cv2.INTER_AREA)
+    if k >= 2:
+        region = cv2.resize(region[: h // k * k, : w // k * k], (w // k, h // k), interpolation=cv2.INTER_AREA)
+    return cv2.resize(region, (tw, th), interpolation=cv2.INTER_LINEAR)
 
 
 def read_patch_naive(slide, coord: tuple[int, int], step0: float, patch_size: int) -> np.ndarray:
