@@ -140,7 +140,9 @@ def test_truncated_slide_read_prints_one_line(slide_dir):
         timeout=120,
     )
     out = res.stdout + res.stderr
-    assert "ERR slide 'truncated': read at (0, 0) level 0 failed" in out and "truncated file?" in out, out
+    # the slide, where the read failed and why (tiled JPEG levels decoded by wsimil name the tile)
+    assert "ERR slide 'truncated': " in out and "truncated file?" in out, out
+    assert "read at (0, 0) level 0 failed" in out or "cannot be decoded" in out, out
     for noise in ("Traceback", "Task was destroyed", "never retrieved", "Event loop is closed", "never awaited"):
         assert noise not in out, out
     lines = [ln for ln in out.splitlines() if ln.strip()]
