@@ -140,3 +140,28 @@ def test_render_heatmap_figure(tmp_path):
 
 def _magenta(rgb: np.ndarray) -> np.ndarray:
     return np.abs(rgb.astype(int) - np.array(TUMOUR_RGB)).max(-1) < 40
+
+
+def test_run_truth_reads_the_job_its_features_record(tmp_path):
+    """A run's ground truth comes from the tiling job named by its feature files, wherever the features were moved."""
+    import yaml
+
+    from wsimil.features.store import write_bag
+    from wsimil.slide.tiling_job import SlideSpec, TileSettings, TilingJob
+    from wsimil.viz.heatmap import run_truth
+
+    settings = TileSettings(mags=[5.0], patch_size=64)
+    job = TilingJob.create(tmp_path / "job", settings, [SlideSpec("a", "a.svs", None, {"tumor_mask": "m/a.png"})])
+    coords_attrs = {"target_magnification": 5.0, "patch_size": 64, "settings_key": settings.key()}
+    feats = tmp_path / "elsewhere" / "features"
+    one = np.zeros((1, 4), np.float32), np.zeros((1, 2), np.int64)
+    write_bag(feats / "a.h5", *one, encoder="toy", attrs={"tiling_job": str(job.root)}, coords_attrs=coords_attrs)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"features": str(feats)}))
+    pd.DataFrame({"slide_id": ["a"], "label": ["1"]}).to_csv(run / "predictions.csv", index=False)
+    t = run_truth(run)["a"]
+    assert t["label"] == "1" and t["tumor_mask"] == str((job.root / "m" / "a.png").resolve())
+    # features that record no job: nothing is guessed from their folders
+    write_bag(feats / "a.h5", *one, encoder="toy", coords_attrs=coords_attrs)
+    assert run_truth(run)["a"] == {"label": "1"}  # the label from predictions.csv alone

@@ -416,17 +416,17 @@ def heatmaps_for_predictions(
 
 
 def run_truth(run: str | Path, slides: str | Path | None = None) -> dict[str, dict]:
-    """:func:`slide_truth` for a training run: ``slides`` (when a CSV), the run's manifest and its tiling job's
-    ``slides.csv``; labels from the run's ``predictions.csv`` come first."""
-    import yaml
+    """:func:`slide_truth` for a training run: ``slides`` (when a CSV), the run's manifest and the ``slides.csv`` of
+    the tiling job its features came from (found from what the feature files record); labels from the run's
+    ``predictions.csv`` come first."""
+    from wsimil.run import RunDir
+    from wsimil.slide.tiling_job import SLIDES_FILE, TilingJob
 
-    run = Path(run)
-    cfg_path = run / "config.yaml"
-    cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
-    feats = Path(cfg.get("features", "") or ".")
-    jobs = [feats.parent.parent / "slides.csv", feats.parent / "slides.csv"]
-    truth = slide_truth(slides, cfg.get("manifest"), *jobs)
-    pred = run / "predictions.csv"
+    run = RunDir(run)
+    cfg = run.read_config() if run.config_path.is_file() else {}
+    job = TilingJob.find_for_features(cfg["features"]) if cfg.get("features") else None
+    truth = slide_truth(slides, cfg.get("manifest"), job.root / SLIDES_FILE if job is not None else None)
+    pred = run.predictions_path
     if pred.is_file():
         df = pd.read_csv(pred, dtype={"slide_id": str, "label": str})
         if "label" in df.columns:
