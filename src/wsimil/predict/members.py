@@ -30,23 +30,14 @@ def head_classes(path: str | Path, classes: list[str]) -> dict[str, list[str]]:
     (``head_labels``; HMIL maps fine classes to coarse ones) with one forward pass on a dummy bag."""
     import torch
 
-    from wsimil.config import TrainConfig
-    from wsimil.methods.base import create_method
+    from wsimil.run import load_fold
 
-    model, ck = load_member(path)
+    loaded = load_fold(path)  # the model and its training method, restored as the fold was saved
+    model, ck, method = loaded.model, loaded.checkpoint, loaded.method
     with torch.no_grad():
         out = model(torch.zeros(1, 2, int(ck["in_dim"])), torch.ones(1, 2, dtype=torch.bool))
     heads = {}
     if out.extra_logits:
-        cfg = TrainConfig(
-            model=ck["model"],
-            model_kwargs=ck.get("model_kwargs") or {},
-            method=ck.get("method", "supervised"),
-            method_kwargs=ck.get("method_kwargs") or {},
-            task=ck.get("task", "classification"),
-        )
-        method = create_method(cfg)
-        method.restore(ck.get("method_state") or {})
         for head, z in out.extra_logits.items():
             names: list[str] | None = None
             try:
