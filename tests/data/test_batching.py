@@ -124,14 +124,3 @@ def test_bag_cache_holds_each_bag_once_within_its_budget(tmp_path):
     for i in range(len(ids)):
         torch.testing.assert_close(streamed[i], bags[i], rtol=0, atol=0)
     assert streamed.lengths == bags.lengths == [5, 6, 7, 8]
-
-
-def test_large_buffers_go_back_to_the_os():
-    import platform
-
-    from wsimil.data.batching import return_large_buffers
-
-    first = return_large_buffers()
-    assert return_large_buffers() == first  # idempotent
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        assert first

@@ -76,34 +76,11 @@ class Standardizer:
         return None if state is None else cls(state["mean"], state["std"])
 
 
-_MMAP_THRESHOLD = 128 * 1024
-
-
-def return_large_buffers() -> bool:
-    """Make glibc serve every allocation above 128 KiB by ``mmap``, so freed bag-sized buffers (activations,
-    padded batches) go back to the OS at once. By default glibc raises that threshold after each large free, up
-    to 32 MiB, and then keeps such buffers in its heap: ~210 MB more peak RSS in a 16-bag 8,000 × 1,024 training
-    run (1,888 vs 1,675 MB). Process-wide, idempotent; False where there is no glibc (nothing changed)."""
-    global _MMAP_THRESHOLD
-    if _MMAP_THRESHOLD == 0:
-        return True
-    try:
-        import ctypes
-
-        ok = bool(ctypes.CDLL("libc.so.6").mallopt(-3, _MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-    if ok:
-        _MMAP_THRESHOLD = 0
-    return ok
-
-
 class BagTensors(Sequence):
     """The feature tensors ``(N_i, D)`` of a cohort's slides, in the given order: from memory, or read from the
     feature store on access for cohorts larger than the memory budget. ``lengths[i]`` is known without reading."""
 
     def __init__(self, cohort, slide_ids: list[str], pin_memory: bool = False):
-        return_large_buffers()
         self.cohort, self.ids, self.pin = cohort, list(slide_ids), pin_memory
         self.lengths = [cohort.lengths.get(s, cohort.bags[s].features.shape[0]) for s in self.ids]
         self._mem = [self._load(i) for i in range(len(self.ids))] if cohort.in_memory else None
