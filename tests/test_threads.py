@@ -211,7 +211,9 @@ def test_step_tuner_keeps_the_faster_count_and_follows_the_load():
     assert seen == [1, 2, 1, 2, 1, 2] and tuner.choice == 2 and set_to[-1] == 2
     assert tuner.probes[0]["seconds_per_1M_values"] == {"1": 1000.0, "2": 500.0}
     # busy: a second thread now stalls; no re-probe before 60 s and 5 steps have passed ...
+    n_set = len(set_to)
     assert _run_steps(tuner, clock, 5, lambda c: 3.0 if c == 2 else 1.0) == [2] * 5
+    assert len(set_to) == n_set  # holding a count sets nothing per step
     clock.t += 60
     # ... then the probe (1 warm-up of the other count, 2 rounds) moves the choice to 1 thread
     seen = _run_steps(tuner, clock, 5, lambda c: 3.0 if c == 2 else 1.0)

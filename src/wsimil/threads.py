@@ -325,8 +325,11 @@ class StepTuner:
         if set_threads is None:
             import torch
 
-            set_threads = torch.set_num_threads
-        self._set = set_threads
+            set_threads, get_threads = torch.set_num_threads, torch.get_num_threads
+        else:
+            get_threads = None  # an injected setter (tests): remember what was set
+        self._set, self._get = set_threads, get_threads
+        self._now: int | None = None
         self.choice: int | None = None
         self.probes: list[dict] = []  # one entry per probe: seconds per 1M feature values for each candidate
         self.steps = 0
@@ -365,7 +368,7 @@ class StepTuner:
             self._start_probe()
         threads, timed = self._plan.pop(0) if self._plan else (self.choice, False)
         self._current = (threads, timed)
-        self._set(threads)
+        self._apply(threads)
         self._n = max(1, int(elements))
         self._t0 = self.clock()
 
@@ -384,6 +387,13 @@ class StepTuner:
             if not self._plan:
                 self._decide()
 
+    def _apply(self, n: int) -> None:
+        """Set ``n`` threads unless already set: most steps keep the count, and this runs on every step."""
+        now = self._get() if self._get is not None else self._now
+        if now != n:
+            self._set(n)
+            self._now = n
+
     def _due(self) -> bool:
         if self.choice is None:
             return True
@@ -398,7 +408,7 @@ class StepTuner:
         self._held_since = (self.steps, self.clock())
         self.probes.append({"step": self.steps, "seconds_per_1M_values": {str(c): round(v, 4) for c, v in per.items()},
                             "chose": best})  # fmt: skip
-        self._set(best)
+        self._apply(best)
         if changed and not self.quiet:
             from wsimil.progress import console
 
