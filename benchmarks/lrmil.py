@@ -119,7 +119,12 @@ def by_size_class(run: Path, manifest: Path) -> dict:
             for c in sorted(set(man.size_class) - {"negative"})}  # fmt: skip
 
 
-def ceiling_run(cfg, job: Path, manifest: Path, out: Path, encoder: str) -> dict:
+def preset_of(manifest: Path) -> str:
+    """The synthetic preset a cohort was made with (camelyon manifests carry ``size_class``)."""
+    return "camelyon" if "size_class" in pd.read_csv(manifest, nrows=1).columns else "toy"
+
+
+def ceiling_run(cfg, job: Path, manifest: Path, out: Path, encoder: str, ceiling_slides: int = 32) -> dict:
     """The 5× ceiling arm: an encoder trained at 5× with patch labels on a disjoint cohort, its 5× features of this
     cohort, ABMIL with the student's settings on the run's folds → ``RUN/ceiling_lr/``. Returns the encoder's
     summary."""
@@ -135,7 +140,9 @@ def ceiling_run(cfg, job: Path, manifest: Path, out: Path, encoder: str) -> dict
     sys.path.insert(0, str(Path(__file__).parent))
     from proxy_encoder import train_proxy
 
-    info = train_proxy(out / "proxy", encoder, mag=cfg.lr_mag, seed=1001)
+    # its own disjoint cohort (seed 1001), larger than the teacher's: a 5x bag holds few tumour patches
+    info = train_proxy(out / "ceiling_proxy", encoder, slides=ceiling_slides, epochs=6, mag=cfg.lr_mag, seed=1001,
+                       preset=preset_of(manifest))  # fmt: skip
     enc = create_encoder(encoder, info["weights"], 0)
     j = LRMILJob(job, cfg.hr_mag, cfg.lr_mag, cfg.patch_size)
     ids = list(pd.read_csv(manifest, dtype={"slide_id": str}).slide_id)
@@ -169,6 +176,8 @@ def main() -> None:
     ap.add_argument("--stage1-epochs", type=int, default=None)
     ap.add_argument("--stage1-steps", type=int, default=None)
     ap.add_argument("--no-ceiling", action="store_true", help="skip the 5x ceiling arm")
+    ap.add_argument("--ceiling-slides", type=int, default=32, help="slides of the ceiling encoder's own cohort")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the synthesised cohort (without --cohort)")
     ap.add_argument("--timing-slides", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 helps on a busy machine)")
     ap.add_argument("--out", default="/tmp/wsimil_lrmil_bench")
@@ -189,7 +198,7 @@ def main() -> None:
         manifest = Path(args.cohort) / "manifest.csv"
         job = Path(args.job) if args.job else out / "job"
     else:
-        make_cohort(out / "cohort", args.slides, seed=0)
+        make_cohort(out / "cohort", args.slides, seed=args.seed)
         manifest, job = out / "cohort" / "manifest.csv", out / "job"
     if not (job / "tiling.yaml").is_file():
         run_tiling(manifest, job, TileSettings(mags=[20, 5]))
@@ -200,7 +209,7 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).parent))
         from proxy_encoder import train_proxy
 
-        proxy = train_proxy(out / "proxy", args.encoder)
+        proxy = train_proxy(out / "proxy", args.encoder, preset=preset_of(manifest))
         args.weights = proxy["weights"]
     base = {
         "encoder": args.encoder,
@@ -216,7 +225,7 @@ def main() -> None:
     res = run_lrmil(cfg, job, manifest, out / "run")
     ceiling = None
     if not args.no_ceiling and "tumor_mask" in pd.read_csv(manifest, nrows=1).columns:
-        ceiling = ceiling_run(cfg, job, manifest, out, args.encoder)
+        ceiling = ceiling_run(cfg, job, manifest, out, args.encoder, args.ceiling_slides)
     report = {
         "cohort": str(manifest),
         "folds": args.folds,

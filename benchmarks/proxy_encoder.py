@@ -7,7 +7,8 @@ teacher (its residual branches start at zero, so its features are a few pooled f
 rank of about 2). LRMIL distils what the 20× encoder *knows*; this encoder knows 20× nuclear morphology, as UNI or
 CONCH would, and nothing about 5× (it never sees 5× patches).
 
-    python benchmarks/proxy_encoder.py --out /tmp/proxy [--slides 8] [--epochs 3] [--encoder resnet18]
+    python benchmarks/proxy_encoder.py --out /tmp/proxy [--slides 8] [--epochs 3] [--encoder resnet18] [--mag 20]
+        [--preset toy|camelyon]
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ from pathlib import Path
 import numpy as np
 
 
-def hr_patches(cohort: Path, mag: float, patch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every labelled tissue patch (≥ 10% tumour → 1, none → 0) at ``mag``: ``(patches uint8, labels, slide index)``."""
+def hr_patches(
+    cohort: Path, mag: float, patch_size: int, max_neg_per_slide: int = 400, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labelled tissue patches (≥ 10% tumour → 1, none → 0) at ``mag``: every tumour patch and up to
+    ``max_neg_per_slide`` random normal ones per slide (so large slides stay within memory):
+    ``(patches uint8, labels, slide index)``."""
     import pandas as pd
     from PIL import Image
 
@@ -33,12 +38,15 @@ def hr_patches(cohort: Path, mag: float, patch_size: int) -> tuple[np.ndarray, n
     from wsimil.slide.reader import open_slide
 
     man = pd.read_csv(cohort / "manifest.csv")
+    rng = np.random.default_rng(seed)
     xs, ys, ss = [], [], []
     for i, r in enumerate(man.itertuples()):
         spec = SlideSpec(str(r.slide_id), str(r.path))
         grid = tile_in_memory(spec, TileSettings(mags=[mag], patch_size=patch_size))
-        lab = patch_labels_from_mask(grid, np.asarray(Image.open(r.tumor_mask)), 16)
-        keep = np.flatnonzero(lab >= 0)
+        ds = float(getattr(r, "mask_downsample", 16))
+        lab = patch_labels_from_mask(grid, np.asarray(Image.open(r.tumor_mask)), ds)
+        neg = rng.permutation(np.flatnonzero(lab == 0))[:max_neg_per_slide]
+        keep = np.sort(np.concatenate([np.flatnonzero(lab == 1), neg]))
         with open_slide(spec.path, "auto", slide_id=spec.slide_id) as slide:
             xs += [read_block(slide, grid, np.array([k]))[0] for k in keep]
         ys.append(lab[keep])
@@ -54,11 +62,15 @@ def train_proxy(
     seed: int = 1000,
     lr: float = 1e-3,
     mag: float = 20.0,
+    preset: str = "toy",
+    max_per_epoch: int = 2048,
 ) -> dict:
-    """Synthesise ``slides`` slides (seed ``seed``), train ``encoder`` + a linear head on their patches at ``mag``
-    (≥ 10% tumour → 1, none → 0), save the encoder's weights to ``out/proxy_{encoder}.pt`` (``…_{mag}x.pt`` below
-    20×); returns a summary with a held-out patch AUC. At 5× this is the benchmark's *ceiling* encoder: what a
-    5×-only model can know when it is told where the tumour is."""
+    """Synthesise ``slides`` slides of ``preset`` (seed ``seed``; ``camelyon`` at 0.5 µm/px), train ``encoder`` + a
+    linear head on their patches at ``mag`` (≥ 10% tumour → 1, none → 0), save the encoder's weights to
+    ``out/proxy_{encoder}.pt`` (``…_{mag}x.pt`` below 20×); returns a summary with a held-out patch AUC. At 5× this
+    is the benchmark's *ceiling* encoder: what a 5×-only model can know when it is told where the tumour is. The
+    last fifth of the slides (at least one holding tumour) is held out; an epoch draws at most ``max_per_epoch``
+    patches, balanced."""
     import torch
     from torch import nn
 
@@ -75,10 +87,14 @@ def train_proxy(
     t0 = time.perf_counter()
     cohort = out / "cohort"
     if not (cohort / "manifest.csv").is_file():
-        make_cohort(cohort, slides, seed=seed, tumor_fraction=0.15)
+        if preset == "camelyon":
+            make_cohort(cohort, slides, seed=seed, mpp=0.5, app_mag=20, preset=preset, workers=os.cpu_count() or 1)
+        else:
+            make_cohort(cohort, slides, seed=seed, tumor_fraction=0.15)
     x, y, s = hr_patches(cohort, mag, 256)
-    held = s == s.max()  # the last slide is held out to check the encoder learnt something general
-    if not y[held].any():  # it must contain tumour to be scored: take the last slide with tumour instead
+    # the last fifth of the slides is held out to check the encoder learnt something general; it must hold tumour
+    held = s >= s.max() + 1 - max(1, (s.max() + 1) // 5)
+    if not y[held].any():
         held = s == s[y == 1].max()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*randomly initialised.*")
@@ -90,7 +106,7 @@ def train_proxy(
     tr = np.flatnonzero(~held)
     pos, neg = tr[y[tr] == 1], tr[y[tr] == 0]
     rng = np.random.default_rng(seed)
-    per_epoch = 2 * min(len(neg), 4 * len(pos))
+    per_epoch = min(2 * min(len(neg), 4 * len(pos)), max_per_epoch)
     history = []
     for _ in range(epochs):
         enc.model.train()
@@ -121,6 +137,9 @@ def train_proxy(
         "encoder": encoder,
         "weights": str(weights),
         "slides": slides,
+        "preset": preset,
+        "held_out_slides": int(len(np.unique(s[held]))),
+        "held_out_tumour_patches": int(y[held].sum()),
         "seed": seed,
         "epochs": epochs,
         "mag": mag,
@@ -143,8 +162,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--mag", type=float, default=20.0, help="20: the proxy teacher; 5: the 5x ceiling encoder")
+    ap.add_argument("--preset", default="toy", choices=["toy", "camelyon"])
     args = ap.parse_args()
-    info = train_proxy(Path(args.out), args.encoder, args.slides, args.epochs, args.seed, mag=args.mag)
+    info = train_proxy(Path(args.out), args.encoder, args.slides, args.epochs, args.seed, mag=args.mag,
+                       preset=args.preset)  # fmt: skip
     print(json.dumps(info, indent=2))
 
 
