@@ -46,6 +46,10 @@ def test_chunks_are_independent():
     diff = np.abs(big[100:196, 100:228].astype(int) - small.astype(int))
     assert diff.mean() < 1.0 and (diff > 30).mean() < 0.01
     assert not np.array_equal(big, r.render(801, 650, 400, 300))  # but depends on position
+    # scratch buffers are reused between renders: outputs never alias them, and no state carries over
+    keep = big.copy()
+    again = r.render(800, 650, 400, 300)
+    assert np.array_equal(big, keep) and np.array_equal(again, big)
 
 
 def test_cohort_manifest_and_masks(tmp_path):
