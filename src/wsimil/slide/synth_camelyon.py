@@ -123,8 +123,8 @@ def _job(args: tuple) -> dict:
 
 
 def _worker_threads(threads: int) -> None:
-    """Pool initializer: OpenCV's own thread pool would otherwise take every CPU in every worker, and ``workers``
-    processes of short cv2 calls contending for them run slower than one thread each."""
+    """Pool initializer: spawned workers do not inherit the parent's OpenCV thread count, and each would otherwise
+    start a pool as large as the machine."""
     import cv2
 
     cv2.setNumThreads(threads)
@@ -151,9 +151,9 @@ def make_camelyon_slides(
     ]
     if workers <= 1:
         return [_job(j) for j in track(jobs, "Synthesising slides")]
-    from wsimil.threads import cpu_set
+    from wsimil.threads import plan_threads
 
-    threads = max(1, len(cpu_set()) // workers)
+    threads = plan_threads(None, "image", workers=workers).cv2  # the image-work rule `wsimil tile` applies
     with ProcessPoolExecutor(workers, get_context("spawn"), initializer=_worker_threads, initargs=(threads,)) as pool:
         return list(track(pool.map(_job, jobs), "Synthesising slides", total=len(jobs)))
 
